@@ -1,0 +1,31 @@
+# Quickstart targets: `make demo` and `make test` each create .venv when it is
+# missing, install everything a fresh Linux machine (Python >= 3.10, no GPU)
+# needs, then run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stagewise-installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[s3,dali,ray,dev]'
+	# pillow-simd goes in last, over Pillow's PIL/ folder, with --no-deps so
+	# nothing pulls Pillow back. Never `pip uninstall pillow` afterwards: it
+	# deletes the shared PIL/ folder. A failed build keeps plain Pillow.
+	CC="cc $$(grep -qw avx2 /proc/cpuinfo && echo -mavx2)" \
+	  $(BIN)/pip install -q --no-deps --force-reinstall pillow-simd \
+	  || echo "pillow-simd did not build; keeping Pillow"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipeline.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) demo-data runs

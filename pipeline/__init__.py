@@ -1,0 +1,1 @@
+"""stagewise command line: `pipeline build-shards`, `verify-shards`, `stats`, benchmarks, `schedule` and `train`."""

@@ -1,0 +1,415 @@
+"""`pipeline build-shards`: an image tree -> WebDataset shards, an index per shard, a manifest.
+
+The build is planned up front and deterministically from `--seed`: inputs are
+ordered by a keyed hash of their source path (a shuffle that does not depend on
+the platform, and that moves few samples when a file is added), then cut into
+shards. Each shard is one task, so any executor builds the same bytes; a
+journal record written after each shard makes a rerun skip finished work.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+
+from pipeline.imagefix import DEFAULT_MAX_PIXELS, Rejected, normalize_image
+from pipeline.sources import InputFile, Scan, read_class_list, scan_class_tree, scan_imagenet
+from shards import Sample, ShardInfo, ShardWriter, SplitInfo, index_name, journal_name, make_key, rejects_name, shard_name
+from shards.manifest import Manifest, read_manifest_or_none, write_manifest
+from shards.store import is_local, join_url, list_names, local_path, makedirs, open_url, publish_bytes, publish_file, remove_url, url_exists
+
+LAYOUTS = ("folder", "imagenet")
+DEFAULT_SHARD_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    max_side: int | None = None
+    quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    dest: str
+    name: str
+    inputs: tuple[InputFile, ...]
+    options: EncodeOptions
+
+    @property
+    def plan_id(self) -> str:
+        """Changes whenever anything that shapes this shard's bytes changes."""
+        h = hashlib.sha256(json.dumps(asdict(self.options), sort_keys=True).encode())
+        for x in self.inputs:
+            h.update(f"\0{x.source}\0{x.label}\0{x.size}".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class ShardResult:
+    name: str
+    info: ShardInfo | None  # None when every input was rejected (no file is written)
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+    fixes: dict[str, int] = field(default_factory=dict)
+    fixed: int = 0
+    copied: int = 0
+    bytes_in: int = 0
+    class_counts: dict[int, int] = field(default_factory=dict)
+    resumed: bool = False
+
+
+_progress = None  # a shared counter of processed inputs, set in each worker
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+
+
+def _tick() -> None:
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress.value += 1
+
+
+def _temp_path(task: ShardTask) -> str:
+    if is_local(task.dest):
+        folder = local_path(task.dest)
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f".{task.name}.tmp-{uuid.uuid4().hex}")  # same file system: rename is atomic
+    fd, path = tempfile.mkstemp(suffix=".tar")
+    os.close(fd)
+    return path
+
+
+def build_one(task: ShardTask) -> ShardResult:
+    """Build, publish and journal one shard. Runs in a worker process."""
+    result = ShardResult(name=task.name, info=None)
+    fixes: Counter[str] = Counter()
+    counts: Counter[int] = Counter()
+    tmp = _temp_path(task)
+    writer = ShardWriter(tmp)
+    try:
+        for item in task.inputs:
+            try:
+                with open(item.path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                result.rejects.append((item.source, f"unreadable: {exc.strerror or exc}"))
+                _tick()
+                continue
+            result.bytes_in += len(data)
+            try:
+                img = normalize_image(data, max_side=task.options.max_side, quality=task.options.quality,
+                                      max_pixels=task.options.max_pixels)
+            except Rejected as exc:
+                result.rejects.append((item.source, str(exc)))
+                _tick()
+                continue
+            writer.write(Sample(key=make_key(item.source), jpg=img.jpg, label=item.label, class_name=item.class_name,
+                                source=item.source, width=img.width, height=img.height))
+            fixes.update(img.fixes)
+            result.fixed += bool(img.fixes)
+            result.copied += not img.fixes
+            counts[item.label] += 1
+            _tick()
+        written = writer.close()
+    except BaseException:
+        writer.abort()
+        os.path.exists(tmp) and os.unlink(tmp)
+        raise
+    if written.num_samples:
+        publish_file(tmp, join_url(task.dest, task.name))
+        publish_bytes(join_url(task.dest, index_name(task.name)), written.index.encode("ascii"))
+        result.info = ShardInfo(task.name, written.num_samples, written.bytes, written.sha256)
+    else:
+        os.unlink(tmp)
+    result.fixes, result.class_counts = dict(fixes), dict(counts)
+    record = {"plan_id": task.plan_id, **asdict(result)}
+    publish_bytes(join_url(task.dest, journal_name(task.name)), json.dumps(record).encode())
+    return result
+
+
+def _sha256_of(url: str) -> str:
+    h = hashlib.sha256()
+    with open_url(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finished_result(task: ShardTask) -> ShardResult | None:
+    """The journalled result of `task` if its shard is complete and verified, else None."""
+    record_url = join_url(task.dest, journal_name(task.name))
+    if not url_exists(record_url):
+        return None
+    with open_url(record_url, "rb") as f:
+        record = json.loads(f.read())
+    if record.pop("plan_id") != task.plan_id:
+        return None
+    info_fields = record.pop("info")
+    info = ShardInfo(**info_fields) if info_fields is not None else None
+    if info is not None:
+        shard_url = join_url(task.dest, info.name)
+        if not (url_exists(shard_url) and url_exists(join_url(task.dest, index_name(info.name)))):
+            return None
+        if _sha256_of(shard_url) != info.sha256:
+            return None
+    result = ShardResult(name=task.name, info=info, **{k: v for k, v in record.items() if k not in ("name", "resumed")})
+    result.rejects = [tuple(r) for r in result.rejects]  # type: ignore[misc]
+    result.class_counts = {int(k): v for k, v in result.class_counts.items()}
+    result.resumed = True
+    return result
+
+
+def hash_order(seed: int, salt: str, inputs: list[InputFile]) -> list[InputFile]:
+    """A seeded shuffle: inputs sorted by sha256(seed, salt, source)."""
+    return sorted(inputs, key=lambda x: hashlib.sha256(f"{seed}\0{salt}\0{x.source}".encode()).digest())
+
+
+def carve_holdout(inputs: list[InputFile], n: int, seed: int) -> tuple[list[InputFile], list[InputFile]]:
+    """(rest, holdout): `n` inputs taken round-robin over classes, seeded, so it is class-balanced."""
+    if n <= 0:
+        return inputs, []
+    if n >= len(inputs):
+        raise ValueError(f"--holdout {n} must be smaller than the {len(inputs)} inputs")
+    by_class: dict[int, list[InputFile]] = {}
+    for x in hash_order(seed, "holdout", inputs):
+        by_class.setdefault(x.label, []).append(x)
+    queues = [by_class[k] for k in sorted(by_class)]
+    taken: set[str] = set()
+    depth = 0
+    while len(taken) < n:
+        for q in queues:
+            if depth < len(q) and len(taken) < n:
+                taken.add(q[depth].source)
+        depth += 1
+    return [x for x in inputs if x.source not in taken], [x for x in inputs if x.source in taken]
+
+
+def plan_shards(dest: str, split: str, inputs: list[InputFile], seed: int, samples_per_shard: int | None,
+                shard_bytes: int, options: EncodeOptions) -> list[ShardTask]:
+    ordered = hash_order(seed, split, inputs)
+    groups: list[list[InputFile]] = [[]]
+    size = 0
+    for x in ordered:
+        full = len(groups[-1]) >= samples_per_shard if samples_per_shard else size + x.size > shard_bytes
+        if groups[-1] and full:
+            groups.append([])
+            size = 0
+        groups[-1].append(x)
+        size += x.size
+    return [ShardTask(dest, shard_name(split, i), tuple(g), options) for i, g in enumerate(groups) if g]
+
+
+@dataclass
+class BuildReport:
+    split: str
+    inputs: int
+    written: int
+    copied: int
+    fixed: int
+    fixes: dict[str, int]
+    rejected: int
+    reject_reasons: dict[str, int]
+    shards: int
+    resumed_shards: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+    @property
+    def balanced(self) -> bool:
+        return self.inputs == self.written + self.rejected
+
+    def summary(self, dest: str) -> str:
+        def kinds(d: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+
+        rate = self.inputs / self.seconds if self.seconds else 0.0
+        return "\n".join([
+            f"build-shards: split {self.split!r} -> {dest}",
+            f"  inputs    {self.inputs:>9,}",
+            f"  written   {self.written:>9,}  in {self.shards} shards ({self.bytes_out / 1e6:,.1f} MB out, "
+            f"{self.bytes_in / 1e6:,.1f} MB in), {self.resumed_shards} shards resumed from an earlier run",
+            f"  copied    {self.copied:>9,}  byte for byte",
+            f"  fixed     {self.fixed:>9,}  {kinds(self.fixes)}",
+            f"  rejected  {self.rejected:>9,}  {kinds(self.reject_reasons)}  (see {rejects_name(self.split)})",
+            f"  check: inputs {self.inputs:,} = written {self.written:,} + rejected {self.rejected:,}: "
+            + ("OK" if self.balanced else "MISMATCH"),
+            f"  time {self.seconds:.1f} s, {rate:,.0f} img/s",
+        ])
+
+
+def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool, desc: str) -> list[ShardResult]:
+    from tqdm import tqdm
+
+    results: dict[str, ShardResult] = {}
+    todo = []
+    for t in tasks:
+        done = finished_result(t)
+        if done is not None:
+            results[t.name] = done
+        else:
+            todo.append(t)
+    already = sum(len(t.inputs) for t in tasks if t.name in results)
+    bar = tqdm(total=total, initial=already, unit="img", desc=desc, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.1)
+    if workers <= 1 or len(todo) <= 1:
+        for t in todo:
+            results[t.name] = build_one(t)
+            bar.update(len(t.inputs))
+    else:
+        ctx = get_context("spawn")  # fork is unsafe once s3fs has started its event-loop thread
+        counter = ctx.Value("q", 0)
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
+                                 initializer=_init_worker, initargs=(counter,)) as pool:
+            futures = {pool.submit(build_one, t): t for t in todo}
+            pending = set(futures)
+            while pending:
+                done_now = {f for f in pending if f.done()}
+                for f in done_now:
+                    results[futures[f].name] = f.result()  # re-raises a worker's error
+                pending -= done_now
+                bar.n = already + counter.value
+                bar.refresh()
+                if pending:
+                    time.sleep(0.2)
+    bar.close()
+    return [results[t.name] for t in tasks]
+
+
+def _write_split(dest: str, split: str, layout: str, classes: tuple[str, ...], tasks: list[ShardTask],
+                 scan_rejects: list[tuple[str, str]], workers: int, progress: bool, t0: float) -> BuildReport:
+    total = sum(len(t.inputs) for t in tasks)
+    results = _run_tasks(tasks, total, workers, progress, desc=split)
+    rejects = sorted(scan_rejects + [r for res in results for r in res.rejects])
+    lines = "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in rejects)
+    publish_bytes(join_url(dest, rejects_name(split)), lines.encode("utf-8"))
+    infos = [r.info for r in results if r.info is not None]
+    counts = Counter()
+    fixes: Counter[str] = Counter()
+    for r in results:
+        counts.update(r.class_counts)
+        fixes.update(r.fixes)
+    _remove_stale_shards(dest, split, {i.name for i in infos})
+    split_info = SplitInfo(num_samples=sum(i.num_samples for i in infos), classes=classes, shards=tuple(infos),
+                           class_counts=tuple(counts.get(k, 0) for k in range(len(classes))))
+    manifest = read_manifest_or_none(dest) or Manifest(layout=layout)
+    write_manifest(dest, manifest.with_split(split, split_info, layout))  # last: after every shard and index
+    return BuildReport(
+        split=split, inputs=total + len(scan_rejects), written=split_info.num_samples,
+        copied=sum(r.copied for r in results), fixed=sum(r.fixed for r in results), fixes=dict(fixes),
+        rejected=len(rejects), reject_reasons=dict(Counter(r.split(":", 1)[0] for _, r in rejects)),
+        shards=len(infos), resumed_shards=sum(r.resumed for r in results),
+        bytes_in=sum(r.bytes_in for r in results), bytes_out=sum(i.bytes for i in infos), seconds=time.time() - t0)
+
+
+_SHARD_FILE = re.compile(r"^(?P<split>.+)-\d{6}\.(tar|idx)$")
+
+
+def _remove_stale_shards(dest: str, split: str, keep: set[str]) -> None:
+    """Shards of `split` left by an earlier build with another plan."""
+    for name in list_names(dest):
+        m = _SHARD_FILE.match(name)
+        if m and m["split"] == split and name.replace(".idx", ".tar") not in keep:
+            remove_url(join_url(dest, name))
+
+
+def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str | None,
+                val_labels: str | None, val_synsets: str | None) -> Scan:
+    classes = read_class_list(classes_file) if classes_file else None
+    if layout == "imagenet":
+        return scan_imagenet(src, split, val_labels, val_synsets, classes)
+    if layout == "folder":
+        if classes is None:  # later splits reuse the label order of the splits already in DEST
+            existing = read_manifest_or_none(dest)
+            if existing and existing.splits:
+                classes = next(iter(existing.splits.values())).classes
+        return scan_class_tree(src, src, classes)
+    raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+
+
+def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "train", seed: int = 0,
+                 samples_per_shard: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 workers: int = 1, max_side: int | None = None, quality: int = 90,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, holdout: int = 0, holdout_split: str = "minival",
+                 classes_file: str | None = None, val_labels: str | None = None, val_synsets: str | None = None,
+                 progress: bool = False) -> list[BuildReport]:
+    """Build `split` (and `holdout_split` when `holdout` > 0) from SRC into DEST; one report per split."""
+    t0 = time.time()
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"SRC {src}: not a folder")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality {quality}: must be within 1..100")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
+    dest = dest.rstrip("/")
+    makedirs(dest)
+    scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets)
+    options = EncodeOptions(max_side=max_side, quality=quality, max_pixels=max_pixels)
+    inputs, held = carve_holdout(scan.inputs, holdout, seed)
+    plans = [(split, inputs, scan.rejects)] + ([(holdout_split, held, [])] if held else [])
+    reports = []
+    for name, items, rejects in plans:
+        tasks = plan_shards(dest, name, items, seed, samples_per_shard, shard_bytes, options)
+        reports.append(_write_split(dest, name, layout, scan.classes, tasks, rejects, workers, progress, t0))
+    return reports
+
+
+def parse_size(text: str) -> int:
+    """'256MB' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 256MB)")
+    unit = m[2].upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = "KMGT".find(unit[:1]) + 1 if unit else 0
+    return int(float(m[1]) * base**power)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="input tree (local folder)")
+    p.add_argument("dest", metavar="DEST", help="output folder or fsspec URL (file://, s3://bucket/prefix)")
+    p.add_argument("--layout", choices=LAYOUTS, default="folder")
+    p.add_argument("--split", default="train", help="split name to write (train, val, ...)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle and holdout seed")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, default=None)
+    size.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="target shard size (default 256MB)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is <= PX")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images as decompression bombs")
+    p.add_argument("--holdout", type=int, default=0, help="carve N class-balanced images out of the split")
+    p.add_argument("--holdout-split", default="minival")
+    p.add_argument("--classes", dest="classes_file", default=None, help="file pinning the label order, one class per line")
+    p.add_argument("--val-labels", default=None, help="imagenet flat val: LOC_val_solution.csv or devkit ground truth")
+    p.add_argument("--val-synsets", default=None, help="devkit synset order (line i = ILSVRC2012_ID i+1)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        reports = build_shards(
+            args.src, args.dest, layout=args.layout, split=args.split, seed=args.seed,
+            samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_size, workers=args.workers,
+            max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels, holdout=args.holdout,
+            holdout_split=args.holdout_split, classes_file=args.classes_file, val_labels=args.val_labels,
+            val_synsets=args.val_synsets, progress=not args.no_progress and sys.stderr.isatty())
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"build-shards: error: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report.summary(args.dest))
+    return 0 if all(r.balanced for r in reports) else 1

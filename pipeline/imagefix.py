@@ -1,0 +1,163 @@
+"""Turn any input file into a baseline RGB JPEG, or reject it with a reason.
+
+Baseline RGB JPEGs that need no change are copied byte for byte (no quality
+loss, and fast); everything else is decoded with Pillow (or Pillow-SIMD) and
+re-encoded. Each change is named, so the build report can count fixes by kind:
+
+| fix               | when                                                        |
+|-------------------|-------------------------------------------------------------|
+| cmyk              | CMYK JPEG (nvJPEG and most readers want RGB)                |
+| grayscale         | L / 1-bit images                                            |
+| 16bit             | 16-bit images, scaled to 8 bits                             |
+| palette           | P images                                                    |
+| alpha             | RGBA / LA / PA and palette transparency, composited on white|
+| colorspace        | any other mode (LAB, YCbCr, HSV, ...)                       |
+| not_jpeg          | PNG or any other format, whatever the file name says        |
+| progressive       | progressive JPEG: nvJPEG's hardware decoder takes baseline  |
+| non_baseline      | other non-baseline JPEG (extended, lossless, arithmetic)    |
+| exif_orientation  | EXIF orientation other than 1, applied to the pixels        |
+| resized           | longer side over --max-side                                 |
+
+Rejection reasons have the form "<category>: <detail>" so reports can group them.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own default limit (about 0.25 GB of RGB pixels).
+DEFAULT_MAX_PIXELS = 89_478_485
+_ORIENTATION_TAG = 0x0112  # EXIF
+_SOF_BASELINE = 0xC0  # JPEG start-of-frame marker for baseline DCT
+_SOF_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)
+
+
+class Rejected(Exception):
+    """An input that cannot become a sample; str() is the reason for the report."""
+
+
+@dataclass(frozen=True)
+class FixedImage:
+    jpg: bytes
+    width: int
+    height: int
+    fixes: tuple[str, ...]  # empty: copied byte for byte
+
+
+def _sof_marker(data: bytes) -> int | None:
+    """The JPEG start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...), if any."""
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise Rejected("empty file: 0 bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected("not an image: format not recognised") from None
+    except Image.DecompressionBombError as exc:
+        raise Rejected(f"decompression bomb: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise Rejected(f"corrupt image: {exc}") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise Rejected(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (--max-pixels)")
+    if w == 0 or h == 0:
+        raise Rejected(f"corrupt image: size {w}x{h}")
+    return im
+
+
+def _load(im: Image.Image) -> None:
+    try:
+        im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise Rejected(f"corrupt image: {exc}") from None
+
+
+def _to_rgb(im: Image.Image, fixes: list[str]) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "CMYK":
+        fixes.append("cmyk")
+        return im.convert("RGB")
+    if mode in ("L", "1"):
+        fixes.append("grayscale")
+        return im.convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        fixes.append("16bit")
+        arr = np.asarray(im, dtype=np.int64)
+        arr = np.clip(arr >> 8 if arr.max() > 255 else arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P":
+        fixes.append("palette")
+        if "transparency" not in im.info:
+            return im.convert("RGB")
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        fixes.append("alpha")
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    fixes.append("colorspace")
+    return im.convert("RGB")
+
+
+def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> FixedImage:
+    """A baseline RGB JPEG for `data`, or Rejected with the reason."""
+    im = _open(data, max_pixels)
+    w, h = im.size
+    orientation = im.getexif().get(_ORIENTATION_TAG, 1) if im.format in ("JPEG", "MPO") else 1
+    fits = max_side is None or max(w, h) <= max_side
+    is_jpeg = im.format == "JPEG"
+    if is_jpeg and im.mode == "RGB" and orientation in (1, None) and fits and _sof_marker(data) == _SOF_BASELINE:
+        # Fast path: prove it decodes (the DCT-domain draft decodes every
+        # coefficient but skips most of the IDCT), then copy the bytes as they are.
+        im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+        _load(im)
+        return FixedImage(data, w, h, ())
+
+    fixes: list[str] = []
+    if not is_jpeg:
+        fixes.append("not_jpeg")
+    elif (sof := _sof_marker(data)) != _SOF_BASELINE:
+        fixes.append("progressive" if sof in _SOF_PROGRESSIVE else "non_baseline")
+    if not fits and is_jpeg:
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target allows it.
+        scale = max_side / max(w, h)
+        im.draft(im.mode, (max(1, int(w * scale)), max(1, int(h * scale))))
+    _load(im)
+    if orientation not in (1, None):
+        fixes.append("exif_orientation")
+        im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im, fixes)
+    if not fits:
+        fixes.append("resized")
+        scale = max_side / max(im.size)
+        size = (max(1, round(im.size[0] * scale)), max(1, round(im.size[1] * scale)))
+        im = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=quality, progressive=False, optimize=False)
+    return FixedImage(out.getvalue(), im.size[0], im.size[1], tuple(fixes))

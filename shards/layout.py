@@ -1,0 +1,29 @@
+"""File names inside one dataset folder or prefix (DEST)."""
+from __future__ import annotations
+
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIX = ".tar"
+INDEX_SUFFIX = ".idx"  # DALI wds2idx format, one beside each shard
+JOURNAL_DIR = "_journal"  # per-shard completion records, for resumable builds
+
+
+def shard_name(split: str, index: int) -> str:
+    """`train-000000.tar`."""
+    return f"{split}-{index:06d}{SHARD_SUFFIX}"
+
+
+def index_name(shard: str) -> str:
+    """`train-000000.idx` for `train-000000.tar`."""
+    if not shard.endswith(SHARD_SUFFIX):
+        raise ValueError(f"not a shard name: {shard!r}")
+    return shard[: -len(SHARD_SUFFIX)] + INDEX_SUFFIX
+
+
+def rejects_name(split: str) -> str:
+    """`train-rejects.jsonl`: one `{"source", "reason"}` line per input not written."""
+    return f"{split}-rejects.jsonl"
+
+
+def journal_name(shard: str) -> str:
+    """Completion record of one shard, written after the shard and its index."""
+    return f"{JOURNAL_DIR}/{shard}.json"

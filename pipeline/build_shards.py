@@ -289,9 +289,18 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
     return [results[t.name] for t in tasks]
 
 
+def _remove_stale_temp_files(dest: str, split: str) -> None:
+    """Temporary shards of a run that was killed (remote stores never see them)."""
+    if is_local(dest):
+        for name in list_names(dest):
+            if name.startswith(f".{split}-") and ".tmp-" in name:
+                os.unlink(os.path.join(local_path(dest), name))
+
+
 def _write_split(dest: str, split: str, layout: str, classes: tuple[str, ...], tasks: list[ShardTask],
                  scan_rejects: list[tuple[str, str]], workers: int, progress: bool, t0: float) -> BuildReport:
     total = sum(len(t.inputs) for t in tasks)
+    _remove_stale_temp_files(dest, split)
     results = _run_tasks(tasks, total, workers, progress, desc=split)
     rejects = sorted(scan_rejects + [r for res in results for r in res.rejects])
     lines = "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in rejects)

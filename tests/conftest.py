@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -44,15 +48,46 @@ def write_photo_tree(root: Path, num_classes: int = 3, per_class: int = 5, seed:
     return root
 
 
+_MOTO_SERVER = """
+import sys, time
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False)
+server.start()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3 server (moto) on 127.0.0.1, with the AWS environment pointing at it."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 server (moto's ThreadedMotoServer) on 127.0.0.1, with the AWS
+    environment pointing at it.
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    It runs in a child process: DALI's S3 client blocks while holding the GIL,
+    so a server thread in the test process would starve and time out.
+    """
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _MOTO_SERVER, str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "moto server did not start"
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update({
         "AWS_ENDPOINT_URL": endpoint,
@@ -61,7 +96,8 @@ def s3_endpoint():
         "AWS_DEFAULT_REGION": "us-east-1",
     })
     yield endpoint
-    server.stop()
+    proc.kill()
+    proc.wait()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -28,7 +28,8 @@ from shards import Sample, ShardInfo, ShardWriter, SplitInfo, index_name, journa
 from shards.manifest import Manifest, read_manifest_or_none, write_manifest
 from shards.store import is_local, join_url, list_names, local_path, makedirs, open_url, publish_bytes, publish_file, remove_url, url_exists
 
-LAYOUTS = ("folder", "imagenet")
+LAYOUTS = ("folder", "imagenet", "imagenet21k")
+EXECUTORS = ("local", "ray")
 DEFAULT_SHARD_BYTES = 256 * 2**20
 
 
@@ -37,6 +38,7 @@ class EncodeOptions:
     max_side: int | None = None
     quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_copies: bool = True  # decode JPEGs copied byte for byte, to catch corrupt scans
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class ShardTask:
         """Changes whenever anything that shapes this shard's bytes changes."""
         h = hashlib.sha256(json.dumps(asdict(self.options), sort_keys=True).encode())
         for x in self.inputs:
-            h.update(f"\0{x.source}\0{x.label}\0{x.size}".encode())
+            h.update(f"\0{x.source}\0{x.labels or x.label}\0{x.size}".encode())
         return h.hexdigest()
 
 
@@ -102,8 +104,7 @@ def build_one(task: ShardTask) -> ShardResult:
     try:
         for item in task.inputs:
             try:
-                with open(item.path, "rb") as f:
-                    data = f.read()
+                data = item.read()
             except OSError as exc:
                 result.rejects.append((item.source, f"unreadable: {exc.strerror or exc}"))
                 _tick()
@@ -111,13 +112,13 @@ def build_one(task: ShardTask) -> ShardResult:
             result.bytes_in += len(data)
             try:
                 img = normalize_image(data, max_side=task.options.max_side, quality=task.options.quality,
-                                      max_pixels=task.options.max_pixels)
+                                      max_pixels=task.options.max_pixels, decode_copies=task.options.decode_copies)
             except Rejected as exc:
                 result.rejects.append((item.source, str(exc)))
                 _tick()
                 continue
             writer.write(Sample(key=make_key(item.source), jpg=img.jpg, label=item.label, class_name=item.class_name,
-                                source=item.source, width=img.width, height=img.height))
+                                source=item.source, width=img.width, height=img.height, labels=item.labels))
             fixes.update(img.fixes)
             result.fixed += bool(img.fixes)
             result.copied += not img.fixes
@@ -251,7 +252,8 @@ class BuildReport:
         ])
 
 
-def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool, desc: str) -> list[ShardResult]:
+def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool, desc: str,
+               executor: str, ray_address: str | None) -> list[ShardResult]:
     from tqdm import tqdm
 
     results: dict[str, ShardResult] = {}
@@ -265,7 +267,13 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
     already = sum(len(t.inputs) for t in tasks if t.name in results)
     bar = tqdm(total=total, initial=already, unit="img", desc=desc, disable=not progress, file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1)
-    if workers <= 1 or len(todo) <= 1:
+    if executor == "ray":
+        from pipeline.ray_executor import run_on_ray
+
+        for result in run_on_ray(todo, ray_address):
+            results[result.name] = result
+            bar.update(len(result.rejects) + (result.info.num_samples if result.info else 0))
+    elif workers <= 1 or len(todo) <= 1:
         for t in todo:
             results[t.name] = build_one(t)
             bar.update(len(t.inputs))
@@ -298,10 +306,11 @@ def _remove_stale_temp_files(dest: str, split: str) -> None:
 
 
 def _write_split(dest: str, split: str, layout: str, classes: tuple[str, ...], tasks: list[ShardTask],
-                 scan_rejects: list[tuple[str, str]], workers: int, progress: bool, t0: float) -> BuildReport:
+                 scan_rejects: list[tuple[str, str]], workers: int, progress: bool, t0: float,
+                 executor: str, ray_address: str | None) -> BuildReport:
     total = sum(len(t.inputs) for t in tasks)
     _remove_stale_temp_files(dest, split)
-    results = _run_tasks(tasks, total, workers, progress, desc=split)
+    results = _run_tasks(tasks, total, workers, progress, split, executor, ray_address)
     rejects = sorted(scan_rejects + [r for res in results for r in res.rejects])
     lines = "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in rejects)
     publish_bytes(join_url(dest, rejects_name(split)), lines.encode("utf-8"))
@@ -313,7 +322,8 @@ def _write_split(dest: str, split: str, layout: str, classes: tuple[str, ...], t
         fixes.update(r.fixes)
     _remove_stale_shards(dest, split, {i.name for i in infos})
     split_info = SplitInfo(num_samples=sum(i.num_samples for i in infos), classes=classes, shards=tuple(infos),
-                           class_counts=tuple(counts.get(k, 0) for k in range(len(classes))))
+                           class_counts=tuple(counts.get(k, 0) for k in range(len(classes))),  # by first label
+                           multi_label=any(x.labels for t in tasks for x in t.inputs))
     manifest = read_manifest_or_none(dest) or Manifest(layout=layout)
     write_manifest(dest, manifest.with_split(split, split_info, layout))  # last: after every shard and index
     return BuildReport(
@@ -336,8 +346,13 @@ def _remove_stale_shards(dest: str, split: str, keep: set[str]) -> None:
 
 
 def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str | None,
-                val_labels: str | None, val_synsets: str | None) -> Scan:
+                val_labels: str | None, val_synsets: str | None, workers: int, executor: str,
+                ray_address: str | None) -> Scan:
     classes = read_class_list(classes_file) if classes_file else None
+    if layout == "imagenet21k":
+        from pipeline.imagenet21k import scan_imagenet21k
+
+        return scan_imagenet21k(src, classes, workers=workers, executor=executor, ray_address=ray_address)
     if layout == "imagenet":
         return scan_imagenet(src, split, val_labels, val_synsets, classes)
     if layout == "folder":
@@ -352,9 +367,9 @@ def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str 
 def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "train", seed: int = 0,
                  samples_per_shard: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  workers: int = 1, max_side: int | None = None, quality: int = 90,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, holdout: int = 0, holdout_split: str = "minival",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_copies: bool = True, holdout: int = 0, holdout_split: str = "minival",
                  classes_file: str | None = None, val_labels: str | None = None, val_synsets: str | None = None,
-                 progress: bool = False) -> list[BuildReport]:
+                 executor: str = "local", ray_address: str | None = None, progress: bool = False) -> list[BuildReport]:
     """Build `split` (and `holdout_split` when `holdout` > 0) from SRC into DEST; one report per split."""
     t0 = time.time()
     if not os.path.isdir(src):
@@ -365,14 +380,17 @@ def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "t
         raise ValueError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
     dest = dest.rstrip("/")
     makedirs(dest)
-    scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets)
-    options = EncodeOptions(max_side=max_side, quality=quality, max_pixels=max_pixels)
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
+    scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets, workers, executor, ray_address)
+    options = EncodeOptions(max_side=max_side, quality=quality, max_pixels=max_pixels, decode_copies=decode_copies)
     inputs, held = carve_holdout(scan.inputs, holdout, seed)
     plans = [(split, inputs, scan.rejects)] + ([(holdout_split, held, [])] if held else [])
     reports = []
     for name, items, rejects in plans:
         tasks = plan_shards(dest, name, items, seed, samples_per_shard, shard_bytes, options)
-        reports.append(_write_split(dest, name, layout, scan.classes, tasks, rejects, workers, progress, t0))
+        reports.append(_write_split(dest, name, layout, scan.classes, tasks, rejects, workers, progress, t0,
+                                    executor, ray_address))
     return reports
 
 
@@ -400,11 +418,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is <= PX")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images as decompression bombs")
+    p.add_argument("--fast-copy", action="store_true",
+                   help="do not decode JPEGs that are copied byte for byte (structure checks only; near disk speed)")
     p.add_argument("--holdout", type=int, default=0, help="carve N class-balanced images out of the split")
     p.add_argument("--holdout-split", default="minival")
     p.add_argument("--classes", dest="classes_file", default=None, help="file pinning the label order, one class per line")
     p.add_argument("--val-labels", default=None, help="imagenet flat val: LOC_val_solution.csv or devkit ground truth")
     p.add_argument("--val-synsets", default=None, help="devkit synset order (line i = ILSVRC2012_ID i+1)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local", help="local processes, or Ray tasks on a cluster")
+    p.add_argument("--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -413,9 +435,9 @@ def run(args: argparse.Namespace) -> int:
         reports = build_shards(
             args.src, args.dest, layout=args.layout, split=args.split, seed=args.seed,
             samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_size, workers=args.workers,
-            max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels, holdout=args.holdout,
+            max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels, decode_copies=not args.fast_copy, holdout=args.holdout,
             holdout_split=args.holdout_split, classes_file=args.classes_file, val_labels=args.val_labels,
-            val_synsets=args.val_synsets, progress=not args.no_progress and sys.stderr.isatty())
+            val_synsets=args.val_synsets, executor=args.executor, ray_address=args.ray_address, progress=not args.no_progress and sys.stderr.isatty())
     except (FileNotFoundError, ValueError) as exc:
         print(f"build-shards: error: {exc}", file=sys.stderr)
         return 2

@@ -125,18 +125,33 @@ def _to_rgb(im: Image.Image, fixes: list[str]) -> Image.Image:
     return im.convert("RGB")
 
 
-def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> FixedImage:
-    """A baseline RGB JPEG for `data`, or Rejected with the reason."""
+def _has_end_marker(data: bytes) -> bool:
+    """A complete JPEG ends with EOI (FF D9), possibly followed by padding."""
+    return data.rstrip(b"\x00\n\r ").endswith(b"\xff\xd9")
+
+
+def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    decode_copies: bool = True) -> FixedImage:
+    """A baseline RGB JPEG for `data`, or Rejected with the reason.
+
+    `decode_copies=False` trusts the structure of files that are copied byte
+    for byte (headers parse, frame is baseline RGB, the file ends with EOI)
+    without decoding their entropy-coded data: close to disk speed, but a
+    corrupt scan inside a well-formed file is then found only by verify-shards.
+    """
     im = _open(data, max_pixels)
     w, h = im.size
     orientation = im.getexif().get(_ORIENTATION_TAG, 1) if im.format in ("JPEG", "MPO") else 1
     fits = max_side is None or max(w, h) <= max_side
     is_jpeg = im.format == "JPEG"
     if is_jpeg and im.mode == "RGB" and orientation in (1, None) and fits and _sof_marker(data) == _SOF_BASELINE:
-        # Fast path: prove it decodes (the DCT-domain draft decodes every
+        # Fast path: prove it decodes (the 1/8-scale draft decodes every
         # coefficient but skips most of the IDCT), then copy the bytes as they are.
-        im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
-        _load(im)
+        if decode_copies:
+            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            _load(im)
+        elif not _has_end_marker(data):
+            raise Rejected("corrupt image: truncated (no JPEG end-of-image marker)")
         return FixedImage(data, w, h, ())
 
     fixes: list[str] = []

@@ -19,10 +19,19 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class InputFile:
     source: str  # path relative to SRC, "/"-separated: the sample's stable identity
-    path: str  # absolute path to read
+    path: str  # absolute path to read (for a member of a tar: the tar)
     label: int
     class_name: str
     size: int  # bytes on disk, for shard sizing
+    offset: int = -1  # >= 0: the input is `size` bytes at this offset inside `path` (a tar member read in place)
+    labels: tuple[int, ...] | None = None  # multi-label samples (ImageNet-21k duplicates merged); label is labels[0]
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
 
 
 @dataclass(frozen=True)

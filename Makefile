@@ -10,12 +10,12 @@ STAMP := $(VENV)/.stagewise-installed
 
 install: $(STAMP)
 
+# pillow-simd goes in last, over Pillow's PIL/ folder, with --no-deps so that
+# nothing pulls Pillow back. Never `pip uninstall pillow` afterwards: it deletes
+# the shared PIL/ folder. A failed build keeps plain Pillow.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[s3,dali,ray,dev]'
-	# pillow-simd goes in last, over Pillow's PIL/ folder, with --no-deps so
-	# nothing pulls Pillow back. Never `pip uninstall pillow` afterwards: it
-	# deletes the shared PIL/ folder. A failed build keeps plain Pillow.
 	CC="cc $$(grep -qw avx2 /proc/cpuinfo && echo -mavx2)" \
 	  $(BIN)/pip install -q --no-deps --force-reinstall pillow-simd \
 	  || echo "pillow-simd did not build; keeping Pillow"

@@ -23,6 +23,7 @@ Rejection reasons have the form "<category>: <detail>" so reports can group them
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,8 +73,11 @@ def _sof_marker(data: bytes) -> int | None:
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise Rejected("empty file: 0 bytes")
+    Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own guard, in line with ours (it raises at twice this)
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we reject those below, with a reason
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise Rejected("not an image: format not recognised") from None
     except Image.DecompressionBombError as exc:

@@ -228,6 +228,7 @@ class BuildReport:
     bytes_in: int
     bytes_out: int
     seconds: float
+    duplicates: int = 0  # files merged into a multi-label sample with the same bytes (imagenet21k)
 
     @property
     def balanced(self) -> bool:
@@ -241,6 +242,8 @@ class BuildReport:
         return "\n".join([
             f"build-shards: split {self.split!r} -> {dest}",
             f"  inputs    {self.inputs:>9,}",
+            *([f"  merged    {self.duplicates:>9,}  duplicate files (same bytes) folded into multi-label samples"]
+              if self.duplicates else []),
             f"  written   {self.written:>9,}  in {self.shards} shards ({self.bytes_out / 1e6:,.1f} MB out, "
             f"{self.bytes_in / 1e6:,.1f} MB in), {self.resumed_shards} shards resumed from an earlier run",
             f"  copied    {self.copied:>9,}  byte for byte",
@@ -367,7 +370,7 @@ def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str 
 def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "train", seed: int = 0,
                  samples_per_shard: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  workers: int = 1, max_side: int | None = None, quality: int = 90,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_copies: bool = True, holdout: int = 0, holdout_split: str = "minival",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, decode_copies: bool = True, holdout: int | None = None, holdout_split: str | None = None,
                  classes_file: str | None = None, val_labels: str | None = None, val_synsets: str | None = None,
                  executor: str = "local", ray_address: str | None = None, progress: bool = False) -> list[BuildReport]:
     """Build `split` (and `holdout_split` when `holdout` > 0) from SRC into DEST; one report per split."""
@@ -383,14 +386,26 @@ def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "t
     if executor not in EXECUTORS:
         raise ValueError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets, workers, executor, ray_address)
-    options = EncodeOptions(max_side=max_side, quality=quality, max_pixels=max_pixels, decode_copies=decode_copies)
-    inputs, held = carve_holdout(scan.inputs, holdout, seed)
+    if layout == "imagenet21k":  # a uniform random val split and a size cap by default (paper §5.2, issue 6)
+        from pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, random_holdout
+
+        max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
+        holdout, holdout_split = DEFAULT_HOLDOUT if holdout is None else holdout, holdout_split or HOLDOUT_SPLIT
+    holdout, holdout_split = holdout or 0, holdout_split or "minival"
+    if max_side is not None and max_side < 0:
+        raise ValueError(f"--max-side {max_side}: must be >= 0 (0 keeps every size)")
+    options = EncodeOptions(max_side=max_side or None, quality=quality, max_pixels=max_pixels,
+                            decode_copies=decode_copies)
+    carve = random_holdout if layout == "imagenet21k" else carve_holdout
+    inputs, held = carve(scan.inputs, holdout, seed)
     plans = [(split, inputs, scan.rejects)] + ([(holdout_split, held, [])] if held else [])
     reports = []
     for name, items, rejects in plans:
         tasks = plan_shards(dest, name, items, seed, samples_per_shard, shard_bytes, options)
         reports.append(_write_split(dest, name, layout, scan.classes, tasks, rejects, workers, progress, t0,
                                     executor, ray_address))
+        t0 = time.time()  # the next split's rate counts its own time only
+    reports[0].duplicates = scan.duplicates
     return reports
 
 
@@ -415,13 +430,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--samples-per-shard", type=int, default=None)
     size.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, help="target shard size (default 256MB)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
-    p.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is <= PX")
+    p.add_argument("--max-side", type=int, default=None,
+                   help="downscale so the longer side is <= PX (imagenet21k default 512; 0 = never)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="reject larger images as decompression bombs")
     p.add_argument("--fast-copy", action="store_true",
                    help="do not decode JPEGs that are copied byte for byte (structure checks only; near disk speed)")
-    p.add_argument("--holdout", type=int, default=0, help="carve N class-balanced images out of the split")
-    p.add_argument("--holdout-split", default="minival")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="carve N images out of the split: class-balanced; imagenet21k: uniform random, default 100000")
+    p.add_argument("--holdout-split", default=None, help="name of the holdout split (default minival; imagenet21k: val)")
     p.add_argument("--classes", dest="classes_file", default=None, help="file pinning the label order, one class per line")
     p.add_argument("--val-labels", default=None, help="imagenet flat val: LOC_val_solution.csv or devkit ground truth")
     p.add_argument("--val-synsets", default=None, help="devkit synset order (line i = ILSVRC2012_ID i+1)")

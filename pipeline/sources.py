@@ -39,6 +39,7 @@ class Scan:
     classes: tuple[str, ...]
     inputs: list[InputFile]
     rejects: list[tuple[str, str]]  # (source, reason)
+    duplicates: int = 0  # files folded into another input with the same bytes (imagenet21k multi-label merge)
 
 
 def _visible(name: str) -> bool:

@@ -1,0 +1,102 @@
+"""Crop windows, chosen in Python so that every random draw comes from (seed, epoch, batch).
+
+The decoder then decodes only the window (`fn.decoders.image_slice`) and the resize
+scales it to the stage size, which together are a random-resized-crop whose output
+size can change between batches of one built pipeline.
+
+- `jpeg_size` reads the height and width from a JPEG's frame header (no decode).
+- `random_resized_crop` follows torchvision's RandomResizedCrop: 10 tries of
+  area fraction ~ U(scale) and log-aspect ~ U(log ratio), then a center fallback.
+- `center_crop` gives the window that "resize the shorter side to S / crop_pct,
+  then center-crop S" keeps, in source pixels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from shards import SampleError
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers
+_NO_LENGTH = {0x01, 0xD8, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7}  # TEM, SOI, RST0-7
+ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 windows before the fallback
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) from the first frame header; SampleError if `data` is not a JPEG."""
+    buf = bytes(data[:2]) if len(data) >= 2 else b""
+    if buf != b"\xff\xd8":
+        raise SampleError("jpg member is not a JPEG (no SOI marker)")
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise SampleError(f"jpg member: bad marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _NO_LENGTH:
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if marker in _SOF and i + 9 <= n:
+            height = (data[i + 5] << 8) | data[i + 6]
+            width = (data[i + 7] << 8) | data[i + 8]
+            if height == 0 or width == 0:
+                raise SampleError(f"jpg member: frame header gives size {height}x{width}")
+            return height, width
+        if marker == 0xDA or length < 2:  # start of scan before any frame header
+            break
+        i += 2 + length
+    raise SampleError("jpg member: no JPEG frame header found (truncated or not baseline/progressive)")
+
+
+def random_resized_crop(
+    rng: np.random.Generator,
+    sizes: np.ndarray,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> np.ndarray:
+    """Windows [N, 4] float32 as (y, x, h, w) in source pixels, for sizes [N, 2] = (H, W)."""
+    n = len(sizes)
+    heights = sizes[:, 0:1].astype(np.float64)
+    widths = sizes[:, 1:2].astype(np.float64)
+    area = heights * widths
+    target = area * rng.uniform(scale[0], scale[1], size=(n, ATTEMPTS))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, ATTEMPTS)))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    u_y = rng.random(size=(n, ATTEMPTS))
+    u_x = rng.random(size=(n, ATTEMPTS))
+    ok = (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
+    first = np.argmax(ok, axis=1)  # first valid attempt (0 when none is valid)
+    rows = np.arange(n)
+    ch, cw = h[rows, first], w[rows, first]
+    y = np.floor(u_y[rows, first] * (heights[:, 0] - ch + 1))
+    x = np.floor(u_x[rows, first] * (widths[:, 0] - cw + 1))
+    # Fallback (no valid attempt): the whole image, clamped to the ratio range, centered.
+    fb = ~ok.any(axis=1)
+    if fb.any():
+        hh, ww = heights[fb, 0], widths[fb, 0]
+        in_ratio = ww / hh
+        fh, fw = hh.copy(), ww.copy()
+        narrow, wide = in_ratio < ratio[0], in_ratio > ratio[1]
+        fh[narrow] = np.round(ww[narrow] / ratio[0])
+        fw[wide] = np.round(hh[wide] * ratio[1])
+        ch[fb], cw[fb] = fh, fw
+        y[fb], x[fb] = np.floor((hh - fh) / 2), np.floor((ww - fw) / 2)
+    return np.stack([y, x, ch, cw], axis=1).astype(np.float32)
+
+
+def center_crop(sizes: np.ndarray, image_size: int, crop_pct: float) -> np.ndarray:
+    """Windows [N, 4] (y, x, h, w): the square that resize-shorter-to-floor(S/crop_pct) + center-crop S keeps."""
+    scale_size = math.floor(image_size / crop_pct)  # timm's eval transform: resize shorter side to this
+    heights = sizes[:, 0].astype(np.float64)
+    widths = sizes[:, 1].astype(np.float64)
+    side = np.round(np.minimum(heights, widths) * image_size / scale_size)
+    ch = np.clip(side, 1, heights)
+    cw = np.clip(side, 1, widths)
+    y = np.round((heights - ch) / 2)
+    x = np.round((widths - cw) / 2)
+    return np.stack([y, x, ch, cw], axis=1).astype(np.float32)

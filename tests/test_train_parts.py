@@ -14,7 +14,7 @@ from model import create_model
 from train import checkpoint
 from train.ema import EMA
 from train.losses import loss_fn, soft_cross_entropy, topk_correct
-from train.models import build_model, classifier_name, load_backbone
+from train.models import build_model, classifier_name, load_backbone, zero_head
 from train.optim import RMSpropTF, learning_rate, param_groups, scaled_lr
 
 
@@ -165,5 +165,7 @@ def test_finetune_replaces_only_the_head():
     assert torch.equal(dst.stem.conv.weight, src.stem.conv.weight)
     other = build_model("torchvision:resnet18", 4, drop_path_rate=0.0, tf_same_padding=False)
     assert classifier_name(other) == "fc"
+    assert zero_head(other) == "fc" and not other.fc.weight.any() and not other.fc.bias.any()
+    assert other.conv1.weight.any()
     with pytest.raises(ValueError, match="src.pt does not fit this model"):
         load_backbone(other, src.state_dict(), "src.pt")

@@ -46,6 +46,7 @@ class DataConfig:
 class ModelConfig:
     name: str = _f("efficientnetv2_s", "a model/ name (see `model.list_models()`) or torchvision:NAME")
     drop_path_rate: float = _f(0.2, "stochastic depth rate = 1 - survival probability (paper §5.1: survival 0.8)")
+    zero_head: bool = _f(False, "zero-initialize the classifier (short runs: starts at loss ln(classes))")
     bn_momentum: float = _f(0.0, "> 0: torch BN momentum for all BN layers (short runs); 0 = the model's (TF 0.99)")
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks")
     channels_last: bool = _f(True, "channels_last memory format for model and images")

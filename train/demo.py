@@ -6,9 +6,9 @@ progressive stages, 32 -> 64 px, with RandAugment, mixup and dropout ramped up
 as in Algorithm 1, in about three minutes on 2 cores. Deviations from the paper's
 recipe, all for a 3-minute run on tiny images: sizes 32 -> 64 instead of
 128 -> 300, batch 32, 12 epochs, LR 0.064 per 4096, 1 warm-up epoch, cosine
-decay, crops of 80-100% of the image, BN momentum 0.1 (torch convention), and
-a small regularization range (RandAugment 1 -> 5, mixup 0 -> 0.1, dropout
-0.05 -> 0.2, stochastic depth 0.05).
+decay, crops of 80-100% of the image, BN momentum 0.1 (torch convention), a
+zero-initialized classifier, and a small regularization range (RandAugment
+1 -> 5, mixup 0 -> 0.1, dropout 0.05 -> 0.2, stochastic depth 0.05).
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def demo_args(shards: str, run_dir: str) -> list[str]:
         "--optim.warmup_epochs=1", "--optim.lr_decay=cosine",
         "--model.drop_path_rate=0.05", "--model.channels_last=false",
         "--model.bn_momentum=0.1",  # TF's 0.99 lags too far behind in a 500-step run: eval collapses
+        "--model.zero_head=true",  # official init starts 10 classes at loss ~6; seeds 0/1: 83/44% -> 89/90%
     ]
 
 

@@ -96,6 +96,8 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
                                tf_same_padding=cfg.model.tf_same_padding)
     if cfg.run.finetune_from:
         _load_for_finetune(model, cfg.run.finetune_from, tel)
+    if cfg.model.zero_head:
+        models.zero_head(model)
     if cfg.model.bn_momentum > 0:
         models.set_bn_momentum(model, cfg.model.bn_momentum)
     if not models.supports_dropout(model):

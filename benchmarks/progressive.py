@@ -1,7 +1,7 @@
 """Progressive learning on small data: the paper's Tables 12 and 13 in miniature, on the embedded digits dataset.
 
 Three trainings with the same model, data, epochs and total steps (the demo's
-recipe, `train.demo.demo_args`):
+recipe, `train.demo.demo_args`, for 12 epochs):
   1. fixed size: one stage at the final size and final regularization;
   2. vanilla progressive: sizes ramp 32 -> 64 px, regularization fixed at its
      final values (Table 13 "vanilla");
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="runs/progressive", help="working folder (recreated)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training per seed and setting")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of every training (the demo runs 10)")
     args = parser.parse_args(argv)
     shutil.rmtree(args.root, ignore_errors=True)
     src, shards = os.path.join(args.root, "digits"), os.path.join(args.root, "shards")
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         for name, extra in RUNS.items():
             run_dir = os.path.join(args.root, f"{name.replace(' ', '').replace(',', '-')}-seed{seed}")
-            cfg = config.parse(demo_args(shards, run_dir) + [f"--run.seed={seed}", "--run.progress=false"] + extra)
+            cfg = config.parse(demo_args(shards, run_dir) + [f"--run.seed={seed}", "--run.progress=false",
+                                                             f"--schedule.epochs={args.epochs}"] + extra)
             start = time.time()
             out = train(cfg, print_config=False)
             seconds = time.time() - start

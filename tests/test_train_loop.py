@@ -177,7 +177,8 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pat
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):
-    assert main(TINY + ["--data", str(tmp_path / "nowhere")]) == 2
+    run_dir = ["--run-dir", str(tmp_path / "run")]
+    assert main(TINY + run_dir + ["--data", str(tmp_path / "nowhere")]) == 2
     assert "no manifest.json in" in capsys.readouterr().err
-    assert main(TINY + ["--data", str(tmp_path), "--optim.lr=abc"]) == 2
+    assert main(TINY + run_dir + ["--data", str(tmp_path), "--optim.lr=abc"]) == 2
     assert "optim.lr must be float, got 'abc'" in capsys.readouterr().err

@@ -55,6 +55,7 @@ class Loader:
         channels_last: bool = False,
         scale: tuple[float, float] = (0.08, 1.0),  # RandomResizedCrop area range; the reference uses (0.05, 1)
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip_prob: float = 0.5,  # train: chance that a sample is mirrored left-right; 0 for digits, text
         randaug_layers: int | None = None,  # RandAugment layers built; default: the first stage's randaug_ops
         randaug_clamp: float | None = None,  # None: reference TF scale (no clamp); 10: timm's clamp
         shuffle_buffer: int = 1024,  # samples
@@ -73,11 +74,14 @@ class Loader:
             raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
         if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"scale={scale} / ratio={ratio}: need 0 < lo <= hi (scale hi <= 1)")
+        if isinstance(hflip_prob, bool) or not isinstance(hflip_prob, (int, float)) or not 0 <= hflip_prob <= 1:
+            raise ValueError(f"hflip_prob={hflip_prob!r}: must be a number in [0, 1]")
         gpu, device_id = _parse_device(device)
         self.device = torch.device("cuda", device_id) if gpu else torch.device("cpu")
         self.rank, self.world_size = _distributed(rank, world_size)
         self.view = open_split(url, split)
         self.url, self.split, self.batch_size, self.train, self.seed = url, split, batch_size, train, seed
+        self.hflip_prob = float(hflip_prob)
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.num_threads = num_threads or len(os.sched_getaffinity(0))
         self._sizes = [s.num_samples for s in self.view.info.shards]
@@ -91,7 +95,8 @@ class Loader:
         self._runner = Runner(
             spec, batch_size=batch_size, pipelines=pipes, threads_per_pipeline=max(1, self.num_threads // pipes),
             device_id=device_id, depth=prefetch or (2 if gpu else 1), seed=seed, scale=scale, ratio=ratio,
-            crop_pct=crop_pct, on_error=on_error, stage=stage, open_epoch=self._open_epoch,
+            hflip_prob=self.hflip_prob, crop_pct=crop_pct, on_error=on_error, stage=stage,
+            open_epoch=self._open_epoch,
         )
         self._runner.set_stage(stage)
         self.stage = stage

@@ -7,7 +7,7 @@ Inputs fed per batch (see `loaders/runner.py`):
 | jpg          | uint8 [bytes]         | the encoded image                           |
 | window       | float32 [4]           | crop window (y, x, h, w), source pixels     |
 | size         | float32 [2]           | output (H, W): the stage's image size       |
-| flip         | int32 []              | 1 = mirror horizontally (train only)        |
+| flip         | int32 []              | 1 = mirror horizontally (train; hflip_prob) |
 | ra{k}_*      | see randaugment.py    | RandAugment layer k (train only)            |
 | mix_*        | see mixup.py          | mixup / CutMix of the batch (train only)    |
 

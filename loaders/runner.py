@@ -80,6 +80,7 @@ class Runner:
         seed: int,
         scale: tuple[float, float],
         ratio: tuple[float, float],
+        hflip_prob: float,
         crop_pct: float,
         on_error: str,
         stage: StageParams,
@@ -87,6 +88,7 @@ class Runner:
     ) -> None:
         self.spec, self.batch_size, self.depth, self.seed = spec, batch_size, depth, seed
         self.scale, self.ratio, self.crop_pct, self.on_error = scale, ratio, crop_pct, on_error
+        self.hflip_prob = hflip_prob  # train: chance per sample of a left-right mirror
         self.stage, self.open_epoch = stage, open_epoch
         self.pipes = [
             build_pipeline(spec, batch_size=batch_size, num_threads=threads_per_pipeline, device_id=device_id,
@@ -281,7 +283,9 @@ class Runner:
         pipe.feed_input("window", windows)
         pipe.feed_input("size", np.full((n, 2), size, np.float32))
         if self.spec.train:
-            flips = batch_rng(self.seed, e, b, FLIP_STREAM).random(n) < 0.5
+            # Uniform draws in [0, 1) from the batch's own stream: 0 never mirrors, 1 always does, and the
+            # default 0.5 gives the same flags as before the option existed (checkpoints resume bit-exactly).
+            flips = batch_rng(self.seed, e, b, FLIP_STREAM).random(n) < self.hflip_prob
             pipe.feed_input("flip", flips.astype(np.int32))
             if self.spec.layers:
                 rng = batch_rng(self.seed, e, b, RANDAUG_STREAM)

@@ -3,4 +3,5 @@ import sys
 
 from pipeline.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # spawn workers (DataLoader, process pools) import this module again
+    sys.exit(main())

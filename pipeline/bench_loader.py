@@ -154,15 +154,24 @@ class _BaselineShards(torch.utils.data.IterableDataset):
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize([0.5] * 3, [0.5] * 3),
         ])
-        data = (wds.WebDataset(self.urls, shardshuffle=False, empty_check=False)
-                .decode("pil").to_tuple(IMAGE_EXT, LABEL_EXT).map_tuple(transform, int))
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if len(self.urls) >= workers:  # webdataset's default: whole shards per worker
+            data = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False)
+        else:  # fewer shards than workers: every worker reads all shards and keeps every workers-th sample
+            data = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
+                                  workersplitter=None).slice(worker, None, workers)
+        data = data.decode("pil").to_tuple(IMAGE_EXT, LABEL_EXT).map_tuple(transform, int)
         left = self.per_worker
         while left > 0:
+            before = left
             for sample in data:
                 yield sample
                 left -= 1
                 if left == 0:
                     return
+            if left == before:
+                raise RuntimeError(f"baseline worker {worker}/{workers} got no samples from {len(self.urls)} shard(s)")
 
 
 def _baseline_loader(urls: list[str], size: int, magnitude: float, batch_size: int, workers: int, batches: int):

@@ -70,7 +70,7 @@ def _prepare(model: nn.Module, device: str, channels_last: bool, compile_: bool)
     model = model.to(device).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile_ else model
+    return torch.compile(model, dynamic=False) if compile_ else model  # static graph per size, as the trainer does
 
 
 def run(args: argparse.Namespace) -> int:

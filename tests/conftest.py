@@ -1,12 +1,14 @@
-"""Shared test fixtures: a real S3 server (moto) on loopback and small image trees."""
+"""Shared test fixtures: a real S3 server (moto) on loopback, small image trees and their shards,
+and a temporary environment."""
 from __future__ import annotations
 
-import os
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,27 @@ def write_photo_tree(root: Path, num_classes: int = 3, per_class: int = 5, seed:
             y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
             Image.fromarray(photo[y : y + h, x : x + w]).save(folder / f"photo_{i}.jpg", quality=90)
     return root
+
+
+def build_tree_shards(root: Path, write_tree: Callable[[Path], Path], samples_per_shard: int) -> str:
+    """`write_tree(root / "src")`, then the real shard builder's train split of it in `root / "ds"`; returns that."""
+    from pipeline.build_shards import build_shards  # imported here: most tests that load conftest need no shards
+
+    write_tree(root / "src")
+    build_shards(str(root / "src"), str(root / "ds"), samples_per_shard=samples_per_shard)
+    return str(root / "ds")
+
+
+@contextlib.contextmanager
+def patched_env(values: Mapping[str, str]) -> Iterator[None]:
+    """Environment variables set for the block; afterwards each has its old value again, or is unset.
+
+    For session- and module-scoped fixtures, which cannot use the function-scoped `monkeypatch`.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        yield
 
 
 _MOTO_SERVER = """
@@ -88,21 +111,14 @@ def s3_endpoint():
                 proc.kill()
                 raise
             time.sleep(0.05)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    })
-    yield endpoint
-    proc.kill()
-    proc.wait()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        with patched_env(aws):
+            yield endpoint
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture()

@@ -57,6 +57,8 @@ def test_toml_file(tmp_path):
     ("model:\n  compile: 'yes'\n", "model.compile must be bool, got 'yes'"),
     ("optim:\n  batch_size: true\n", "optim.batch_size must be int, got True"),
     ("data:\n  mean: [0.5, 0.5]\n", "data.mean must be 3 numbers"),
+    ("data:\n  hflip_prob: false\n", "data.hflip_prob must be float, got False"),  # a probability, not a switch
+    ("data:\n  hflip_prob: 'off'\n", "data.hflip_prob must be float, got 'off'"),
     ("schedule:\n  kind: cosine\n", "schedule.kind must be one of paper, automl, random-resize; got 'cosine'"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("optim: [unclosed\n", "cannot parse"),
@@ -77,6 +79,8 @@ def test_bad_files_are_rejected_naming_file_and_key(tmp_path, text, message):
     (["--recipe=imagenet22k"], "recipe must be one of"),
     (["--config", "/nonexistent/x.yaml"], "does not exist"),
     (["--data.std=0.5,0,0.5"], "data.std must be > 0"),
+    (["--data.hflip_prob=no"], "--data.hflip_prob: data.hflip_prob must be float, got 'no'"),
+    (["--data.hflip_prob=1.5"], r"data.hflip_prob must be in \[0, 1\]"),
 ])
 def test_bad_command_lines_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -113,3 +117,20 @@ def test_differences_name_the_changed_keys():
     b = to_dict(parse(["--optim.lr=0.1", "--run.progress=false"]))
     assert differences(a, b) == ["optim.lr: 0.256 -> 0.1", "run.progress: True -> False"]
     assert differences(a, b, ignore=("run.",)) == ["optim.lr: 0.256 -> 0.1"]
+
+
+def test_hflip_prob_is_accepted_from_file_and_command_line(tmp_path):
+    assert parse([]).data.hflip_prob == 0.5  # the loader's default: mirror half the training images
+    f = tmp_path / "digits.yaml"
+    f.write_text("data:\n  hflip_prob: 0\n")
+    from_file = parse(["--config", str(f)]).data.hflip_prob
+    assert from_file == 0.0 and isinstance(from_file, float)  # an int is a fine float
+    assert parse(["--data.hflip_prob=1"]).data.hflip_prob == 1.0
+
+
+def test_a_key_missing_from_an_older_tree_counts_as_its_default():
+    """Checkpoints written before `data.hflip_prob` existed resume while it keeps its default."""
+    old = to_dict(Config())
+    del old["data"]["hflip_prob"]
+    assert differences(old, to_dict(Config())) == []
+    assert differences(old, to_dict(parse(["--data.hflip_prob=0"]))) == ["data.hflip_prob: 0.5 -> 0.0"]

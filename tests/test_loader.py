@@ -1,13 +1,17 @@
 """The Loader end to end on real shards, real DALI in CPU mode (device_id=None), real torch."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from loaders import Loader, StageParams
+from loaders.runner import FLIP_STREAM, batch_rng
 from pipeline.build_shards import build_shards
-from tests.conftest import PALETTE, write_photo_tree, write_solid_tree
+from tests.conftest import PALETTE, build_tree_shards, write_photo_tree, write_solid_tree
 from tests.test_loader_support import (
     pixel_means, sample_ids, take, unique_sample, write_samples, write_unique_tree,
 )
@@ -17,10 +21,8 @@ PLAIN = StageParams(image_size=16, randaug_magnitude=0, mixup_alpha=0, randaug_o
 
 @pytest.fixture(scope="module")
 def solid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("solid")
-    write_solid_tree(root / "src", num_classes=4, per_class=6)
-    build_shards(str(root / "src"), str(root / "ds"), samples_per_shard=7)  # 24 samples: 7, 7, 7, 3
-    return str(root / "ds")
+    return build_tree_shards(tmp_path_factory.mktemp("solid"),  # 24 samples in shards of 7, 7, 7, 3
+                             lambda src: write_solid_tree(src, num_classes=4, per_class=6), samples_per_shard=7)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +36,29 @@ def unique(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("photos")
-    write_photo_tree(root / "src", num_classes=3, per_class=8)
-    build_shards(str(root / "src"), str(root / "ds"), samples_per_shard=10)
-    return str(root / "ds")
+    return build_tree_shards(tmp_path_factory.mktemp("photos"),
+                             lambda src: write_photo_tree(src, num_classes=3, per_class=8), samples_per_shard=10)
+
+
+def write_half_red_tree(root: Path, count: int = 24) -> Path:
+    """`root/class_0/h_i.jpg`: 40x40 images, left half red and right half blue, so a mirror shows.
+
+    The green channel differs per image (i x 8) so that no two files are the same.
+    """
+    folder = root / "class_0"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = np.zeros((40, 40, 3), np.uint8)
+        pixels[:, :20] = (230, 8 * i, 25)
+        pixels[:, 20:] = (25, 8 * i, 230)
+        Image.fromarray(pixels).save(folder / f"h_{i}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def half_red(tmp_path_factory):
+    """24 samples, each red on the left and blue on the right, in shards of 10, 10, 4."""
+    return build_tree_shards(tmp_path_factory.mktemp("half-red"), write_half_red_tree, samples_per_shard=10)
 
 
 def _palette_label(rgb: np.ndarray) -> int:
@@ -59,6 +80,35 @@ def test_labels_stay_attached_to_their_images_in_train_and_eval(solid):
         real = targets >= 0
         assert real.sum() == 24 and (targets[~real] == -1).all()  # 5 batches of 5: one padded slot
         assert [_palette_label(m) for m in pixel_means(images[real])] == targets[real].tolist()
+
+
+def _mirrored(images: torch.Tensor) -> list[bool]:
+    """Per output image: whether the red half, left in every source image, came out on the right."""
+    red = images[:, 0] * 0.5 + 0.5  # [N, H, W] red channel on the 0..1 scale (undoing the 0.5/0.5 normalization)
+    half = red.shape[-1] // 2
+    left, right = red[:, :, :half].mean(dim=(1, 2)), red[:, :, half:].mean(dim=(1, 2))
+    assert ((left - right).abs() > 0.5).all(), (left, right)  # every output shows a red half and a blue half
+    return (right > left).tolist()
+
+
+@pytest.mark.parametrize("hflip_prob", [0.0, 0.5, 1.0])
+def test_hflip_prob_decides_the_mirroring_from_seed_epoch_and_batch(half_red, hflip_prob):
+    # scale (1, 1): every crop window is the whole (square) image, so both halves reach the output.
+    with Loader(half_red, split="train", batch_size=8, stage=PLAIN, device="cpu", seed=11, scale=(1.0, 1.0),
+                hflip_prob=hflip_prob) as loader:
+        mirrored = {(epoch, b): _mirrored(images)
+                    for epoch in (0, 1) for b, (images, _) in enumerate(take(loader, epoch=epoch))}
+    assert len(mirrored) == 2 * 3
+    flags = [f for batch in mirrored.values() for f in batch]
+    if hflip_prob == 0.0:
+        assert not any(flags)  # off: never a mirrored image, over 48 samples
+    elif hflip_prob == 1.0:
+        assert all(flags)
+    else:
+        assert 0 < sum(flags) < len(flags)
+        # The default draws the same flags as before the option existed, from (seed, epoch, batch) alone.
+        for (epoch, b), got in mirrored.items():
+            assert got == (batch_rng(11, epoch, b, FLIP_STREAM).random(8) < 0.5).tolist()
 
 
 def test_set_stage_takes_effect_at_the_next_batch_on_the_same_pipeline(photos):
@@ -212,6 +262,9 @@ def test_bad_arguments_and_states_are_named(solid):
         Loader(solid, split="train", batch_size=4, stage=PLAIN, device="tpu")
     with pytest.raises(KeyError, match="'val'"):
         Loader(solid, split="val", batch_size=4, stage=PLAIN, device="cpu")
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match=f"hflip_prob={bad!r}"):
+            Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu", hflip_prob=bad)
     with pytest.raises(ValueError, match="randaug_magnitude=-1"):
         StageParams(image_size=16, randaug_magnitude=-1, mixup_alpha=0)
     with Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu") as loader:

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build_shards import build_shards
-from tests.conftest import write_photo_tree
+from tests.conftest import build_tree_shards, write_photo_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    root = tmp_path_factory.mktemp("example")
-    write_photo_tree(root / "src", num_classes=3, per_class=4)
-    build_shards(str(root / "src"), str(root / "ds"), samples_per_shard=3)
-    return str(root / "ds")
+    return build_tree_shards(tmp_path_factory.mktemp("example"),
+                             lambda src: write_photo_tree(src, num_classes=3, per_class=4), samples_per_shard=3)
 
 
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -49,3 +46,27 @@ def test_bench_loader_prints_the_ratio_as_json(photos):
         assert set(r) == {"size", "ours_img_s", "baseline_img_s", "ratio"}
         assert r["ours_img_s"] > 0 and r["baseline_img_s"] > 0
         assert r["ratio"] == pytest.approx(r["ours_img_s"] / r["baseline_img_s"], rel=0.01)  # one round: no median
+
+
+def test_bench_loader_baseline_feeds_more_workers_than_shards(tmp_path, monkeypatch):
+    """16 workers on 2 shards hung the baseline on the GPU machine: workers without a shard yielded nothing."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.bench_loader import _BaselineShards
+    from shards import iter_samples, open_split
+
+    one_shard = build_tree_shards(tmp_path, lambda src: write_photo_tree(src, num_classes=3, per_class=2),
+                                  samples_per_shard=6)
+    urls = open_split(one_shard, "train").shard_urls
+    assert len(urls) == 1
+    labels = {}
+    for worker in range(3):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=3))
+        samples = list(_BaselineShards(urls, size=32, magnitude=5.0, per_worker=4))
+        assert len(samples) == 4 and all(x.shape == (3, 32, 32) for x, _ in samples)
+        labels[worker] = [y for _, y in samples]
+    order = [s.label for s in iter_samples(urls[0])]
+    for worker in range(3):  # every 3rd sample from its own offset, cycling over the shard
+        assert labels[worker] == [order[worker], order[worker + 3]] * 2

@@ -5,7 +5,6 @@ temporary folder inside pytest's and no auth token in the home folder.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from pipeline.build_shards import build_shards
 from pipeline.cli import main as cli
-from tests.conftest import write_solid_tree
+from tests.conftest import patched_env, write_solid_tree
 from tests.test_imagenet21k import shard_bytes, write_21k_tree
 
 ray = pytest.importorskip("ray")
@@ -28,16 +27,12 @@ def ray_session(tmp_path_factory):
         pytest.skip("another Ray session is already running in this process")
     home_had_ray = HOME_RAY.exists()
     tmp = tmp_path_factory.mktemp("ray")
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
-    os.environ.update({"RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled"})
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield tmp
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with patched_env({"RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "disabled"}):
+        ray.init(num_cpus=2, include_dashboard=False)
+        try:
+            yield tmp
+        finally:
+            ray.shutdown()
     assert home_had_ray or not HOME_RAY.exists(), f"Ray wrote {HOME_RAY}"
 
 

@@ -22,9 +22,11 @@ from pipeline.build_shards import build_shards
 from shards import Sample, ShardWriter, make_key
 from shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 from tests.conftest import write_solid_tree
-from train import checkpoint, config
+from train import build, checkpoint, config
+from train.distributed import Dist
 from train.loop import TrainingDiverged, main, train
 from train.losses import loss_fn
+from train.schedule import StagePlan, StageValues
 
 
 # A run small enough for CI: tiny images, few steps, no progress bar. One torch thread: the loader's DALI
@@ -81,6 +83,15 @@ def test_stage_changes_reach_loader_and_model(shards, tmp_path, capsys):
             "tensorboard"} <= set(saved)
     assert (run_dir / "schedule.png").read_bytes()[:4] == b"\x89PNG"
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "tensorboard"))
+
+
+@pytest.mark.parametrize("flag, expected", [([], 0.5), (["--data.hflip_prob=0"], 0.0)])
+def test_data_hflip_prob_reaches_the_training_loader(shards, flag, expected):
+    cfg = config.parse(TINY + ["--data", shards] + flag)
+    stage = StagePlan(stage=0, n_stages=1, values=StageValues(32, 0.0, 0.0, 0.0), start_epoch=0, end_epoch=1,
+                      batch_size=8, steps_per_epoch=4)
+    with build.train_loader(cfg, stage, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))) as loader:
+        assert loader.hflip_prob == loader._runner.hflip_prob == expected
 
 
 def test_per_stage_batch_rebuilds_the_loader_and_scales_the_lr(shards, tmp_path):

@@ -81,7 +81,8 @@ def train_loader(cfg: Config, stage: StagePlan, d: Dist) -> Loader:
                   stage=loader_params(stage.values, cfg), device=loader_device(cfg, d), train=True,
                   seed=cfg.run.seed, rank=d.rank, world_size=d.world_size,
                   num_threads=cfg.data.num_threads or None, mean=cfg.data.mean, std=cfg.data.std,
-                  on_error=cfg.data.on_error, channels_last=cfg.model.channels_last, scale=cfg.data.crop_scale)
+                  on_error=cfg.data.on_error, channels_last=cfg.model.channels_last, scale=cfg.data.crop_scale,
+                  hflip_prob=cfg.data.hflip_prob)
 
 
 def eval_loader(cfg: Config, size: int, crop: float, batch: int, d: Dist) -> Loader:

@@ -38,6 +38,7 @@ class DataConfig:
     mean: tuple[float, float, float] = _f((0.5, 0.5, 0.5), "normalization mean on the 0..1 scale (official V2: 0.5)")
     std: tuple[float, float, float] = _f((0.5, 0.5, 0.5), "normalization std on the 0..1 scale")
     crop_scale: tuple[float, float] = _f((0.05, 1.0), "random-resized-crop area range (official code: 0.05..1)")
+    hflip_prob: float = _f(0.5, "chance that a training image is mirrored left-right; 0 = never (digits, text)")
     randaug_ops: int = _f(2, "RandAugment ops per image (paper: 2)")
     on_error: str = _f("raise", "undecodable sample: raise | skip")
 
@@ -408,6 +409,7 @@ def validate(cfg: Config) -> None:
         (cfg.run.log_every >= 1, "run.log_every must be >= 1"),
         (all(s > 0 for s in cfg.data.std), "data.std must be > 0"),
         (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must be 0 < lo <= hi <= 1"),
+        (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -451,8 +453,13 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def differences(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """`key: a -> b` for the leaves that differ between two (redacted) trees."""
-    fa, fb = flatten(a), flatten(b)
+    """`key: a -> b` for the leaves that differ between two (redacted) trees.
+
+    A leaf missing from a tree (one saved before the key existed, such as `data.hflip_prob`)
+    counts as its default, so such a checkpoint still resumes while the new key keeps it.
+    """
+    defaults = flatten(to_dict(Config()))
+    fa, fb = {**defaults, **flatten(a)}, {**defaults, **flatten(b)}
     keys = sorted(set(fa) | set(fb))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys
             if fa.get(k) != fb.get(k) and not k.startswith(ignore)]

@@ -135,7 +135,9 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     if cfg.model.compile:
-        net = torch.compile(net)
+        # dynamic=False: one static graph per stage size (4 in the paper's schedule). Automatic dynamic shapes
+        # turned the second size into a symbolic-shape recompile that ran for minutes on an H100.
+        net = torch.compile(net, dynamic=False)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.run.bf16 and d.device.type == "cuda"
                 else nullcontext())
     eval_size, eval_crop = build.eval_size_and_crop(cfg, variant, preset)

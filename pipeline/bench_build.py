@@ -4,11 +4,20 @@ Two cases:
 - re-encode: every image is downscaled to `--max-side` and re-encoded. The
   baseline is the script people write first: one process, Pillow open +
   convert + LANCZOS resize + JPEG save, written with `webdataset.ShardWriter`.
-  The ratio is per core: (ours img/s / our workers) / baseline img/s.
 - copy: inputs that already are baseline RGB JPEGs are copied byte for byte.
   The baseline is "disk speed": read each file and append it to a tar, with
-  no image work at all; the ratio shows how close the copy path gets.
+  no image work at all.
+
+Each case runs `--rounds` times, baseline and ours alternating; the table shows
+medians. Two measures, because the machine may be busy with other work:
+- wall: images per second, end to end (ours includes starting its workers;
+  the baseline runs in a process of its own, timed after its imports);
+  ratio/core divides our rate by our worker count.
+- CPU: user + system seconds per image of every process involved (ours: the
+  main process and its workers). Their ratio is the per-core speed-up when
+  cores are free, and other load barely moves it.
 Files are read once before timing so both sides start from a warm page cache.
+`--make-input N` first writes a reproducible input of N photos into SRC.
 """
 from __future__ import annotations
 
@@ -16,13 +25,58 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
+import statistics
 import tarfile
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 from pipeline.build_shards import build_shards
 from pipeline.sources import scan_class_tree
+
+
+def make_input(dest: str, count: int, seed: int = 0) -> None:
+    """`count` photos in 10 class folders: baseline JPEGs, quality 90, 4:2:0 (Pillow's defaults).
+
+    Crops of scikit-learn's two 640x427 sample photographs, mirrored and
+    colour-jittered at random: 3 in 4 are 500x375 (a common ImageNet size);
+    1 in 4 is 1000x750, a 2x2 mosaic of such crops, so that it has detail down
+    to the pixel like a larger photo (an upscaled crop would be smooth, and
+    flatter the DCT-domain downscaling).
+    """
+    import numpy as np
+    from PIL import Image, ImageEnhance
+    from sklearn.datasets import load_sample_images
+
+    if os.path.isdir(dest) and os.listdir(dest):
+        raise ValueError(f"--make-input: {dest} is not empty")
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+
+    def crop() -> Image.Image:
+        src = photos[int(rng.integers(len(photos)))]
+        h = rng.uniform(375, src.height)  # at most 1.14x downscaled to 500x375: native detail
+        x, y = rng.uniform(0, src.width - h * 4 / 3), rng.uniform(0, src.height - h)
+        im = src.resize((500, 375), Image.Resampling.LANCZOS, box=(x, y, x + h * 4 / 3, y + h))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        im = ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4))
+        return ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
+
+    for i in range(count):
+        if i % 4 == 3:
+            im = Image.new("RGB", (1000, 750))
+            for k in range(4):
+                im.paste(crop(), (500 * (k % 2), 375 * (k // 2)))
+        else:
+            im = crop()
+        folder = os.path.join(dest, f"class{i % 10}")
+        os.makedirs(folder, exist_ok=True)
+        im.save(os.path.join(folder, f"{i:06d}.jpg"), "JPEG", quality=90)
 
 
 def _naive_reencode(files: list[tuple[str, int]], out_dir: str, max_side: int, quality: int) -> None:
@@ -43,6 +97,15 @@ def _naive_reencode(files: list[tuple[str, int]], out_dir: str, max_side: int, q
             sink.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": str(label)})
 
 
+def _timed_baseline(files: list[tuple[str, int]], out_dir: str, max_side: int, quality: int) -> tuple[float, float]:
+    """(wall s, CPU s) of the re-encode baseline, importing webdataset (and torch) before timing."""
+    import webdataset  # noqa: F401
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    _naive_reencode(files, out_dir, max_side, quality)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def _disk_copy(files: list[tuple[str, int]], out_dir: str) -> None:
     with tarfile.open(os.path.join(out_dir, "copy.tar"), "w") as tar:
         for i, (path, _) in enumerate(files):
@@ -53,13 +116,43 @@ def _disk_copy(files: list[tuple[str, int]], out_dir: str) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _in_own_process(fn, *args):
+    """fn(*args) in a fresh process.
+
+    What it imports (numpy's BLAS threads, torch's) stays out of this process,
+    whose builds would otherwise have to spawn their workers instead of forking.
+    """
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that have ended."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _timed(fn) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_seconds() - c0
 
 
-def bench(src: str, max_sides: list[int], workers: int, quality: int, scratch: str) -> list[dict]:
+def _describe(scan) -> str:
+    from PIL import Image
+
+    sizes: Counter[str] = Counter()
+    for x in scan.inputs:
+        try:
+            with Image.open(x.path) as im:
+                sizes[f"{im.size[0]}x{im.size[1]}"] += 1
+        except (OSError, ValueError, Image.DecompressionBombError):
+            sizes["unreadable"] += 1
+    mix = ", ".join(f"{k} x{v}" for k, v in sizes.most_common(4))
+    return f"{len(scan.inputs)} images, {sum(x.size for x in scan.inputs) / 1e6:,.0f} MB ({mix})"
+
+
+def bench(src: str, max_sides: list[int], workers: int, quality: int, rounds: int, scratch: str) -> dict:
     scan = scan_class_tree(src, src, None)
     files = [(x.path, x.label) for x in scan.inputs]
     n = len(files)
@@ -68,7 +161,6 @@ def bench(src: str, max_sides: list[int], workers: int, quality: int, scratch: s
     for path, _ in files:  # warm the page cache for both sides
         with open(path, "rb") as f:
             f.read()
-    rows = []
 
     def fresh(name: str) -> str:
         path = os.path.join(scratch, name)
@@ -76,36 +168,59 @@ def bench(src: str, max_sides: list[int], workers: int, quality: int, scratch: s
         os.makedirs(path)
         return path
 
-    reports: list = []
-    for max_side in max_sides:
-        base_s = _timed(lambda: _naive_reencode(files, fresh("base"), max_side, quality))
-        reports.clear()
-        ours_s = _timed(lambda: reports.extend(build_shards(src, fresh("ours"), workers=workers, max_side=max_side,
-                                                             quality=quality, samples_per_shard=per_shard)))
-        rows.append({"case": f"re-encode, --max-side {max_side}", "images": n, "ours_img_s": n / ours_s,
-                     "baseline_img_s": n / base_s, "workers": workers,
-                     "ratio_per_core": (n / ours_s / workers) / (n / base_s),
-                     "note": f"{reports[0].fixes.get('resized', 0)} resized"})
+    runs: dict[str, tuple[list, list]] = {}  # case -> (ours [(wall s, CPU s)], baseline [(wall s, CPU s)])
+    notes: dict[str, str] = {}
 
-    disk_s = _timed(lambda: _disk_copy(files, fresh("disk")))
-    for fast in (False, True):
-        reports.clear()
-        copy_s = _timed(lambda: reports.extend(build_shards(src, fresh("copy"), workers=workers, decode_copies=not fast,
-                                                             samples_per_shard=per_shard)))
-        rows.append({"case": "copy" + (", --fast-copy" if fast else ", decode-checked"), "images": n,
-                     "ours_img_s": n / copy_s, "baseline_img_s": n / disk_s, "workers": workers,
-                     "ratio_per_core": (n / copy_s / workers) / (n / disk_s),
-                     "note": f"{reports[0].copied} copied byte for byte, {mb / copy_s:,.0f} MB/s vs disk {mb / disk_s:,.0f} MB/s"})
-    return rows
+    def ours(case: str, **kw) -> tuple[float, float]:
+        reports = []
+        took = _timed(lambda: reports.extend(build_shards(src, fresh("ours"), workers=workers, quality=quality,
+                                                          samples_per_shard=per_shard, **kw)))
+        notes[case] = (f"{reports[0].fixes.get('resized', 0)} resized" if "max_side" in kw
+                       else f"{reports[0].copied} copied byte for byte")
+        return took
+
+    load_before = os.getloadavg()[0]
+    for _ in range(rounds):
+        for max_side in max_sides:
+            case = f"re-encode, --max-side {max_side}"
+            runs.setdefault(case, ([], []))[1].append(_in_own_process(_timed_baseline, files, fresh("base"),
+                                                                      max_side, quality))
+            runs[case][0].append(ours(case, max_side=max_side))
+        disk = _timed(lambda: _disk_copy(files, fresh("disk")))
+        for fast in (False, True):
+            case = "copy" + (", --fast-copy" if fast else ", decode-checked")
+            runs.setdefault(case, ([], []))[1].append(disk)
+            runs[case][0].append(ours(case, decode_copies=not fast))
+    rows = []
+    for case, (our, base) in runs.items():
+        wall, cpu = statistics.median(w for w, _ in our), statistics.median(c for _, c in our)
+        base_wall, base_cpu = statistics.median(w for w, _ in base), statistics.median(c for _, c in base)
+        if case.startswith("copy"):
+            notes[case] += f"; {mb / wall:,.0f} MB/s vs disk {mb / base_wall:,.0f} MB/s"
+        rows.append({"case": case, "images": n, "workers": workers, "ours_img_s": n / wall,
+                     "baseline_img_s": n / base_wall,
+                     "ratio": base_wall / wall, "ratio_per_core": base_wall / wall / workers,
+                     "ours_cpu_ms": cpu / n * 1e3, "baseline_cpu_ms": base_cpu / n * 1e3,
+                     "ratio_per_core_cpu": base_cpu / cpu, "note": notes[case]})
+    return {"input": _describe(scan), "rounds": rounds, "cores": os.cpu_count(),
+            "load_before": load_before, "load_after": os.getloadavg()[0], "rows": rows}
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'case':<30}{'images':>8}{'ours img/s':>12}{'baseline img/s':>16}{'workers':>9}{'ratio/core':>12}  note"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['case']:<30}{r['images']:>8}{r['ours_img_s']:>12,.0f}{r['baseline_img_s']:>16,.0f}"
-                     f"{r['workers']:>9}{r['ratio_per_core']:>11.2f}x  {r['note']}")
-    lines.append("baselines: re-encode = 1 process, Pillow + webdataset.ShardWriter; copy = 1 process reading files into a tar")
+def format_table(result: dict) -> str:
+    head = (f"{'case':<29}{'ours img/s':>11}{'base img/s':>11}{'ratio':>7}{'/core':>7}"
+            f"{'ours CPU ms':>12}{'base CPU ms':>12}{'/core':>7}  note")
+    lines = [f"input: {result['input']}; {result['rows'][0]['workers']} workers", head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['case']:<29}{r['ours_img_s']:>11,.0f}{r['baseline_img_s']:>11,.0f}{r['ratio']:>6.2f}x"
+                     f"{r['ratio_per_core']:>6.2f}x{r['ours_cpu_ms']:>12.3f}{r['baseline_cpu_ms']:>12.3f}"
+                     f"{r['ratio_per_core_cpu']:>6.2f}x  {r['note']}")
+    lines += [
+        "baselines: re-encode = 1 process, Pillow + webdataset.ShardWriter; copy = 1 process reading files into a tar",
+        "ratio = ours img/s / baseline img/s (wall); /core = that / workers; CPU ms = user+sys CPU per image of all "
+        "processes; its /core = baseline CPU / ours CPU",
+        f"medians of {result['rounds']} rounds; {result['cores']} cores, load average "
+        f"{result['load_before']:.2f} before, {result['load_after']:.2f} after",
+    ]
     return "\n".join(lines)
 
 
@@ -115,11 +230,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-encode cases: downscale to these longer sides (comma-separated, px)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--rounds", type=int, default=3, help="runs of each case, baseline and ours alternating (medians)")
+    p.add_argument("--make-input", type=int, default=None, metavar="N",
+                   help="first write N photos into SRC, which must be empty or absent (see make_input)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.make_input:
+        _in_own_process(make_input, args.src, args.make_input)
     with tempfile.TemporaryDirectory(prefix="bench-build-") as scratch:
-        rows = bench(args.src, [int(x) for x in args.max_sides.split(",")], args.workers, args.quality, scratch)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+        result = bench(args.src, [int(x) for x in args.max_sides.split(",")], args.workers, args.quality,
+                       max(1, args.rounds), scratch)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0

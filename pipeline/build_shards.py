@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
@@ -255,9 +255,28 @@ class BuildReport:
         ])
 
 
+def _start_method() -> str:
+    """How to start worker processes.
+
+    fork when this process runs a single thread: a worker then starts in a few
+    milliseconds, where spawn re-imports the build code in each (about 0.2 s,
+    most of a small build). With more threads (s3fs's event loop, tqdm's
+    monitor, torch's pools) a forked child could inherit a lock that a thread it
+    does not have was holding, so spawn. /proc tells on Linux; elsewhere spawn.
+    """
+    try:
+        single = len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        single = False
+    return "fork" if single else "spawn"
+
+
 def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool, desc: str,
                executor: str, ray_address: str | None) -> list[ShardResult]:
     from tqdm import tqdm
+
+    class Bar(tqdm):
+        monitor_interval = 0  # refreshed by hand below; tqdm's monitor thread would make pools spawn
 
     results: dict[str, ShardResult] = {}
     todo = []
@@ -268,8 +287,8 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
         else:
             todo.append(t)
     already = sum(len(t.inputs) for t in tasks if t.name in results)
-    bar = tqdm(total=total, initial=already, unit="img", desc=desc, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = Bar(total=total, initial=already, unit="img", desc=desc, disable=not progress, file=sys.stderr,
+              dynamic_ncols=True, smoothing=0.1)
     if executor == "ray":
         from pipeline.ray_executor import run_on_ray
 
@@ -281,21 +300,18 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
             results[t.name] = build_one(t)
             bar.update(len(t.inputs))
     else:
-        ctx = get_context("spawn")  # fork is unsafe once s3fs has started its event-loop thread
+        ctx = get_context(_start_method())
         counter = ctx.Value("q", 0)
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
                                  initializer=_init_worker, initargs=(counter,)) as pool:
             futures = {pool.submit(build_one, t): t for t in todo}
             pending = set(futures)
             while pending:
-                done_now = {f for f in pending if f.done()}
+                done_now, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 for f in done_now:
                     results[futures[f].name] = f.result()  # re-raises a worker's error
-                pending -= done_now
                 bar.n = already + counter.value
                 bar.refresh()
-                if pending:
-                    time.sleep(0.2)
     bar.close()
     return [results[t.name] for t in tasks]
 

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.build_shards import build_shards, parse_size
+from pipeline.bench_build import make_input
+from pipeline.build_shards import _start_method, build_shards, parse_size
 from pipeline.cli import main as cli
-from shards import iter_samples, open_split, read_index, read_manifest
+from shards import Sample, ShardWriter, iter_samples, make_key, open_split, read_index, read_manifest
 from tests.conftest import write_photo_tree, write_solid_tree
 from tests.quirks import BOMB_LIMIT, photo, write_quirk_tree
 
@@ -91,6 +94,59 @@ def test_same_seed_same_bytes_whatever_the_worker_count(tmp_path):
     keys_a = sorted(s.key for s in _all_samples(str(tmp_path / "a"), "train"))
     keys_c = sorted(s.key for s in _all_samples(str(tmp_path / "c"), "train"))
     assert keys_a == keys_c  # keys depend on the source only
+
+
+def test_forked_and_spawned_workers_write_the_same_bytes(tmp_path):
+    write_photo_tree(tmp_path / "src", num_classes=3, per_class=6)
+    build_shards(str(tmp_path / "src"), str(tmp_path / "a"), samples_per_shard=5, workers=2, max_side=64)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()  # a second thread: workers must be spawned, not forked
+    try:
+        assert _start_method() == "spawn"
+        build_shards(str(tmp_path / "src"), str(tmp_path / "b"), samples_per_shard=5, workers=2, max_side=64)
+    finally:
+        stop.set()
+        other.join()
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+
+
+def test_shard_bytes_equal_what_tarfile_writes(tmp_path):
+    samples = [Sample(key=make_key(f"c/{i}.jpg"), jpg=os.urandom(i * 311), label=i % 3, class_name="c",
+                      source=f"c/{i}.jpg", width=4, height=3) for i in range(25)]  # payloads of 0 to 7,464 bytes
+    writer = ShardWriter(str(tmp_path / "ours.tar"))
+    for s in samples:
+        writer.write(s)
+    written = writer.close()
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            for ext, payload in s.members():
+                info = tarfile.TarInfo(f"{s.key}.{ext}")
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(payload), 0, 0o444, 0, 0, "", "")
+                tar.addfile(info, io.BytesIO(payload))
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == (tmp_path / "ref.tar").read_bytes()
+    assert (written.bytes, written.sha256, written.num_samples) == (len(ours), hashlib.sha256(ours).hexdigest(), 25)
+
+
+def test_bench_build_on_a_made_input(tmp_path, capsys):
+    make_input(str(tmp_path / "again"), 8)
+    assert cli(["bench-build", str(tmp_path / "src"), "--make-input", "8", "--rounds", "1", "--max-sides", "64",
+                "--workers", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    made = sorted(p.relative_to(tmp_path / "src") for p in (tmp_path / "src").rglob("*.jpg"))
+    assert len(made) == 8 and len({p.parent for p in made}) == 8  # 8 class folders of 10 used
+    assert all((tmp_path / "src" / p).read_bytes() == (tmp_path / "again" / p).read_bytes() for p in made)
+    assert "500x375 x6, 1000x750 x2" in result["input"]
+    rows = {r["case"]: r for r in result["rows"]}
+    assert list(rows) == ["re-encode, --max-side 64", "copy, decode-checked", "copy, --fast-copy"]
+    assert rows["re-encode, --max-side 64"]["note"] == "8 resized"
+    assert all(r["note"].startswith("8 copied byte for byte") for c, r in rows.items() if c.startswith("copy"))
+    for r in rows.values():
+        assert r["images"] == 8 and r["workers"] == 2
+        assert r["ratio_per_core"] == pytest.approx(r["ours_img_s"] / r["baseline_img_s"] / 2)
+        assert r["ratio_per_core_cpu"] == pytest.approx(r["baseline_cpu_ms"] / r["ours_cpu_ms"])
 
 
 def test_index_files_equal_dalis_wds2idx(tmp_path):

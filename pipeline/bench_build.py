@@ -36,6 +36,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from pipeline.build_shards import build_shards
+from pipeline.imagefix import reencode_path
 from pipeline.sources import scan_class_tree
 
 
@@ -175,7 +176,7 @@ def bench(src: str, max_sides: list[int], workers: int, quality: int, rounds: in
         reports = []
         took = _timed(lambda: reports.extend(build_shards(src, fresh("ours"), workers=workers, quality=quality,
                                                           samples_per_shard=per_shard, **kw)))
-        notes[case] = (f"{reports[0].fixes.get('resized', 0)} resized" if "max_side" in kw
+        notes[case] = (f"{reports[0].fixes.get('resized', 0)} resized, {reencode_path()}" if "max_side" in kw
                        else f"{reports[0].copied} copied byte for byte")
         return took
 

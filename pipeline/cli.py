@@ -45,7 +45,9 @@ def version_string() -> str:
         own = importlib.metadata.version("stagewise")
     except importlib.metadata.PackageNotFoundError:
         own = "unknown"
-    return f"stagewise {own} ({pillow_flavour()})"
+    from pipeline.imagefix import reencode_path
+
+    return f"stagewise {own} ({pillow_flavour()}; {reencode_path()})"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:

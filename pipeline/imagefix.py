@@ -1,8 +1,10 @@
 """Turn any input file into a baseline RGB JPEG, or reject it with a reason.
 
 Baseline RGB JPEGs that need no change are copied byte for byte (no quality
-loss, and fast); everything else is decoded with Pillow (or Pillow-SIMD) and
-re-encoded. Each change is named, so the build report can count fixes by kind:
+loss, and fast). YCbCr JPEGs that must be resized or made baseline go through
+pipeline/_jpegraw.c, which works on the stored Y, Cb and Cr planes (no RGB
+round trip) where the extension was built; everything else is decoded with
+Pillow (or Pillow-SIMD) and re-encoded. Each change is named, so the build report can count fixes by kind:
 
 | fix               | when                                                        |
 |-------------------|-------------------------------------------------------------|
@@ -27,6 +29,11 @@ import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
+
+try:  # optional C extension, built by `pip install` where libjpeg's headers are
+    from pipeline import _jpegraw
+except ImportError:
+    _jpegraw = None
 
 # Pillow's own default limit (about 0.25 GB of RGB pixels).
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -154,14 +161,28 @@ def _has_end_marker(data: bytes) -> bool:
     return data.rstrip(b"\x00\n\r ").endswith(b"\xff\xd9")
 
 
+def reencode_path() -> str:
+    """Which code re-encodes YCbCr JPEGs here, for `pipeline --version` and bench-build."""
+    # pipeline._jpegraw is built at install where a C compiler and libjpeg's headers are
+    return "re-encode: YCbCr planes in C" if _jpegraw is not None else "re-encode: Pillow RGB (no _jpegraw)"
+
+
+def _dct_denominator(w: int, h: int, size: tuple[int, int]) -> int:
+    """The DCT-domain scale 1/n (n in 8, 4, 2, 1) that Image.draft picks for the _DRAFT_GAP rule."""
+    fit = min(w // int(size[0] * _DRAFT_GAP), h // int(size[1] * _DRAFT_GAP))
+    return next((n for n in (8, 4, 2) if fit >= n), 1)
+
+
 def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                    decode_copies: bool = True) -> FixedImage:
+                    decode_copies: bool = True, planar: bool = True) -> FixedImage:
     """A baseline RGB JPEG for `data`, or Rejected with the reason.
 
     `decode_copies=False` trusts the structure of files that are copied byte
     for byte (headers parse, frame is baseline RGB, the file ends with EOI)
     without decoding their entropy-coded data: close to disk speed, but a
     corrupt scan inside a well-formed file is then found only by verify-shards.
+    `planar=False` re-encodes YCbCr JPEGs through Pillow's RGB path even when
+    the C extension is built (for comparison; the results differ by rounding).
     """
     im = _open(data, max_pixels)
     w, h = im.size
@@ -184,18 +205,24 @@ def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixe
         fixes.append("not_jpeg")
     elif sof != _SOF_BASELINE:
         fixes.append("progressive" if sof in _SOF_PROGRESSIVE else "non_baseline")
+    turn = orientation not in (1, None)
     size = box = None
     if not fits:  # the target, in the stored orientation: the EXIF turn comes last, on fewer pixels
         scale = max_side / max(w, h)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if is_jpeg:
-            drafted = im.draft(None, (int(size[0] * _DRAFT_GAP), int(size[1] * _DRAFT_GAP)))
-            # `box` is the full picture in decoded pixels: the last row and column of a
-            # scaled decode may be partly padding, and resizing them as picture would
-            # stretch it (measured: 500x375 -> 1/2 -> 160 px lost 9 dB without it).
-            box = drafted[1] if drafted else None
+    if planar and _jpegraw is not None and is_jpeg and im.mode == "RGB" and not turn:
+        # YCbCr planes in, YCbCr planes out (pipeline/_jpegraw.c); None for what it does not take
+        target = size or (w, h)
+        jpg = _jpegraw.reencode(data, target[0], target[1], _dct_denominator(w, h, size) if size else 1, quality)
+        if jpg is not None:
+            return FixedImage(jpg, target[0], target[1], tuple(fixes + ["resized"] * (size is not None)))
+    if size is not None and is_jpeg:
+        drafted = im.draft(None, (int(size[0] * _DRAFT_GAP), int(size[1] * _DRAFT_GAP)))
+        # `box` is the full picture in decoded pixels: the last row and column of a
+        # scaled decode may be partly padding, and resizing them as picture would
+        # stretch it (measured: 500x375 -> 1/2 -> 160 px lost 9 dB without it).
+        box = drafted[1] if drafted else None
     _load(im)
-    turn = orientation not in (1, None)
     if turn:
         fixes.append("exif_orientation")
     im = _to_rgb(im, fixes)

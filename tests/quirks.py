@@ -41,6 +41,15 @@ def photo(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
     return Image.fromarray(src[y : y + h, x : x + w])
 
 
+def mosaic(size: tuple[int, int], seed: int) -> Image.Image:
+    """A photo larger than the sample photos, with detail down to the pixel: tiles of real crops."""
+    out = Image.new("RGB", size)
+    tile = (size[0] // 2 + 1, size[1] // 2 + 1)
+    for k in range(4):
+        out.paste(photo(seed + k, tile), (tile[0] * (k % 2), tile[1] * (k // 2)))
+    return out
+
+
 def _jpeg(im: Image.Image, **save: object) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=90, **save)

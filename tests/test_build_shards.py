@@ -20,6 +20,7 @@ from PIL import Image
 from pipeline.bench_build import make_input
 from pipeline.build_shards import _start_method, build_shards, parse_size
 from pipeline.cli import main as cli
+from pipeline.imagefix import reencode_path
 from shards import Sample, ShardWriter, iter_samples, make_key, open_split, read_index, read_manifest
 from tests.conftest import write_photo_tree, write_solid_tree
 from tests.quirks import BOMB_LIMIT, photo, write_quirk_tree
@@ -141,7 +142,7 @@ def test_bench_build_on_a_made_input(tmp_path, capsys):
     assert "500x375 x6, 1000x750 x2" in result["input"]
     rows = {r["case"]: r for r in result["rows"]}
     assert list(rows) == ["re-encode, --max-side 64", "copy, decode-checked", "copy, --fast-copy"]
-    assert rows["re-encode, --max-side 64"]["note"] == "8 resized"
+    assert rows["re-encode, --max-side 64"]["note"] == f"8 resized, {reencode_path()}"
     assert all(r["note"].startswith("8 copied byte for byte") for c, r in rows.items() if c.startswith("copy"))
     for r in rows.values():
         assert r["images"] == 8 and r["workers"] == 2
@@ -314,7 +315,7 @@ def test_version_names_the_active_pillow(capsys):
         cli(["--version"])
     out = capsys.readouterr().out
     import PIL
-    assert out.startswith("stagewise ") and PIL.__version__ in out and "Pillow" in out
+    assert out.startswith("stagewise ") and PIL.__version__ in out and "Pillow" in out and "re-encode: " in out
 
 
 def test_kill_and_resume_gives_identical_bytes(tmp_path):

@@ -8,22 +8,13 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.imagefix import normalize_image
-from tests.quirks import photo
+from tests.quirks import mosaic
 
 
 def _jpeg(im: Image.Image, quality: int = 95, **save: object) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=quality, **save)
     return buf.getvalue()
-
-
-def _mosaic(size: tuple[int, int], seed: int) -> Image.Image:
-    """A photo larger than the sample photos, with detail down to the pixel: tiles of real crops."""
-    out = Image.new("RGB", size)
-    tile = (size[0] // 2 + 1, size[1] // 2 + 1)
-    for k in range(4):
-        out.paste(photo(seed + k, tile), (tile[0] * (k % 2), tile[1] * (k // 2)))
-    return out
 
 
 def _luma_psnr(jpg: bytes, ref: Image.Image) -> float:
@@ -39,10 +30,11 @@ def _fair(data: bytes, size: tuple[int, int]) -> Image.Image:
         return ImageOps.exif_transpose(im.convert("RGB")).resize(size, Image.Resampling.LANCZOS)
 
 
+@pytest.mark.parametrize("planar", [True, False], ids=["ycbcr-planes", "pillow-rgb"])
 @pytest.mark.parametrize("size", [(1000, 750), (999, 749), (601, 403)])  # odd sizes: scaled decodes pad a row
-def test_scaled_decode_gives_the_exact_size_and_stays_close_to_full_lanczos(size):
-    data = _jpeg(_mosaic(size, seed=3))
-    img = normalize_image(data, max_side=150, quality=100)  # >= 2x the target after a 1/2 decode (not 601 px)
+def test_scaled_decode_gives_the_exact_size_and_stays_close_to_full_lanczos(size, planar):
+    data = _jpeg(mosaic(size, seed=3))
+    img = normalize_image(data, max_side=150, quality=100, planar=planar)  # 1/2 decode: >= 2x the target (not 601)
     want = (150, round(size[1] * 150 / size[0]))
     assert (img.width, img.height) == want and img.fixes == ("resized",)
     with Image.open(io.BytesIO(img.jpg)) as out:
@@ -51,23 +43,24 @@ def test_scaled_decode_gives_the_exact_size_and_stays_close_to_full_lanczos(size
     # measured >= 50.7 dB; a 1/4-scale decode (gap < 2) scores 42.9, Pillow's bicubic 43,
     # resizing a scaled decode's padding row as picture 37.7
     assert _luma_psnr(img.jpg, _fair(data, want)) > 47
-    assert normalize_image(data, max_side=150, quality=100).jpg == img.jpg  # deterministic
+    assert normalize_image(data, max_side=150, quality=100, planar=planar).jpg == img.jpg  # deterministic
 
 
-def test_scaled_decode_is_closer_to_full_lanczos_than_bicubic_is():
+@pytest.mark.parametrize("planar", [True, False], ids=["ycbcr-planes", "pillow-rgb"])
+def test_scaled_decode_is_closer_to_full_lanczos_than_bicubic_is(planar):
     """The quality rule in imagefix, on a photo decoded at 1/2 (500 px >= 2 x 240 px)."""
-    data = _jpeg(_mosaic((1000, 750), seed=5))
+    data = _jpeg(mosaic((1000, 750), seed=5))
     ref = _fair(data, (240, 180))
     with Image.open(io.BytesIO(data)) as im:
         bicubic = _jpeg(im.convert("RGB").resize((240, 180), Image.Resampling.BICUBIC), quality=100)
-    assert _luma_psnr(normalize_image(data, max_side=240, quality=100).jpg, ref) > _luma_psnr(bicubic, ref)
+    assert _luma_psnr(normalize_image(data, max_side=240, quality=100, planar=planar).jpg, ref) > _luma_psnr(bicubic, ref)
 
 
 @pytest.mark.parametrize("orientation", range(2, 9))
 def test_exif_turn_after_a_scaled_decode_matches_turning_first(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
-    data = _jpeg(_mosaic((640, 480), seed=orientation), exif=exif)
+    data = _jpeg(mosaic((640, 480), seed=orientation), exif=exif)
     img = normalize_image(data, max_side=120, quality=100)  # decoded at 1/2, resized, then turned
     want = (90, 120) if orientation >= 5 else (120, 90)  # 5..8 swap width and height
     assert (img.width, img.height) == want and set(img.fixes) == {"exif_orientation", "resized"}

@@ -4,7 +4,8 @@ Baseline RGB JPEGs that need no change are copied byte for byte (no quality
 loss, and fast). YCbCr JPEGs that must be resized or made baseline go through
 pipeline/_jpegraw.c, which works on the stored Y, Cb and Cr planes (no RGB
 round trip) where the extension was built; everything else is decoded with
-Pillow (or Pillow-SIMD) and re-encoded. Each change is named, so the build report can count fixes by kind:
+Pillow (or Pillow-SIMD) and re-encoded. Each change is named, so the build
+report can count fixes by kind:
 
 | fix               | when                                                        |
 |-------------------|-------------------------------------------------------------|

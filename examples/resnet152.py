@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from loaders import Loader, StageParams
+from stagewise.loaders import Loader, StageParams
 
 
 def main(argv: list[str] | None = None) -> int:

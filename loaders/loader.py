@@ -22,14 +22,14 @@ from dataclasses import asdict
 
 import torch
 
-from shards import open_split
-from loaders.mixup import mix_targets, soft_targets
-from loaders.params import StageParams
-from loaders.pipeline import GraphSpec
-from loaders.plan import plan_epoch
-from loaders.randaugment import RandAugmentConfig
-from loaders.reader import LoaderError, SampleReader
-from loaders.runner import Epoch, Runner
+from stagewise.shards import open_split
+from stagewise.loaders.mixup import mix_targets, soft_targets
+from stagewise.loaders.params import StageParams
+from stagewise.loaders.graph import GraphSpec
+from stagewise.loaders.plan import plan_epoch
+from stagewise.loaders.randaugment import RandAugmentConfig
+from stagewise.loaders.shard_stream import LoaderError, SampleReader
+from stagewise.loaders.runner import Epoch, Runner
 
 ON_ERROR = ("raise", "skip")
 

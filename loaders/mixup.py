@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loaders.params import StageParams
+from stagewise.loaders.params import StageParams
 
 MIX_STREAM = 4  # generator stream id, see runner.batch_rng
 NONE, MIXUP, CUTMIX = 0, 1, 2
@@ -73,7 +73,7 @@ def mix_targets(targets: torch.Tensor, mix: MixParams) -> torch.Tensor:
 
 
 def feed_mix(pipe, mix: MixParams, n: int, size: int) -> None:
-    """The per-sample inputs of `stages.mix` (every sample carries its batch's kind and lambda)."""
+    """The per-sample inputs of `ops.mix` (every sample carries its batch's kind and lambda)."""
     y, x, h, w = mix.box
     pipe.feed_input("mix_kind", np.full(n, mix.kind, np.int32))
     pipe.feed_input("mix_lam", np.full(n, mix.lam, np.float32))

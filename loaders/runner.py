@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loaders.crop import center_crop, random_resized_crop
-from loaders.mixup import MIX_STREAM, MixParams, draw_mix, feed_mix
-from loaders.params import StageParams
-from loaders.pipeline import GraphSpec, build_pipeline
-from loaders.plan import EpochPlan
-from loaders.randaugment import feed_slot, sample_slots
-from loaders.reader import Fault, Item, LoaderError, SampleReader
+from stagewise.loaders.crop import center_crop, random_resized_crop
+from stagewise.loaders.mixup import MIX_STREAM, MixParams, draw_mix, feed_mix
+from stagewise.loaders.params import StageParams
+from stagewise.loaders.graph import GraphSpec, build_pipeline
+from stagewise.loaders.plan import EpochPlan
+from stagewise.loaders.randaugment import feed_slot, sample_slots
+from stagewise.loaders.shard_stream import Fault, Item, LoaderError, SampleReader
 
 CROP_STREAM, FLIP_STREAM, RANDAUG_STREAM = 1, 2, 3  # generator stream ids per batch (MIX_STREAM = 4)
 

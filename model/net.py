@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import ConvBnAct, FusedMBConv, MBConv
-from model.variants import Variant, get_variant
+from stagewise.model.layers import ConvBnAct, FusedMBConv, MBConv
+from stagewise.model.variants import Variant, get_variant
 
 # Paper §5.1 / V1 official: stochastic depth with survival probability 0.8.
 DEFAULT_DROP_PATH_RATE = 0.2

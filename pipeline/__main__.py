@@ -1,7 +1,7 @@
 """`python -m pipeline` is the same as the `pipeline` console script."""
 import sys
 
-from pipeline.cli import main
+from stagewise.pipeline.cli import main
 
 if __name__ == "__main__":  # spawn workers (DataLoader, process pools) import this module again
     sys.exit(main())

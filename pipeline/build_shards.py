@@ -22,11 +22,11 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 
-from pipeline.imagefix import DEFAULT_MAX_PIXELS, Rejected, normalize_image
-from pipeline.sources import InputFile, Scan, read_class_list, scan_class_tree, scan_imagenet
-from shards import Sample, ShardInfo, ShardWriter, SplitInfo, index_name, journal_name, make_key, rejects_name, shard_name
-from shards.manifest import Manifest, read_manifest_or_none, write_manifest
-from shards.store import is_local, join_url, list_names, local_path, makedirs, open_url, publish_bytes, publish_file, remove_url, url_exists
+from stagewise.pipeline.imagefix import DEFAULT_MAX_PIXELS, Rejected, normalize_image
+from stagewise.pipeline.sources import InputFile, Scan, read_class_list, scan_class_tree, scan_imagenet
+from stagewise.shards import Sample, ShardInfo, ShardWriter, SplitInfo, index_name, journal_name, make_key, rejects_name, shard_name
+from stagewise.shards.manifest import Manifest, read_manifest_or_none, write_manifest
+from stagewise.shards.store import is_local, join_url, list_names, local_path, makedirs, open_url, publish_bytes, publish_file, remove_url, url_exists
 
 LAYOUTS = ("folder", "imagenet", "imagenet21k")
 EXECUTORS = ("local", "ray")
@@ -290,7 +290,7 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
     bar = Bar(total=total, initial=already, unit="img", desc=desc, disable=not progress, file=sys.stderr,
               dynamic_ncols=True, smoothing=0.1)
     if executor == "ray":
-        from pipeline.ray_executor import run_on_ray
+        from stagewise.pipeline.ray_executor import run_on_ray
 
         for result in run_on_ray(todo, ray_address):
             results[result.name] = result
@@ -369,7 +369,7 @@ def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str 
                 ray_address: str | None) -> Scan:
     classes = read_class_list(classes_file) if classes_file else None
     if layout == "imagenet21k":
-        from pipeline.imagenet21k import scan_imagenet21k
+        from stagewise.pipeline.imagenet21k import scan_imagenet21k
 
         return scan_imagenet21k(src, classes, workers=workers, executor=executor, ray_address=ray_address)
     if layout == "imagenet":
@@ -403,7 +403,7 @@ def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "t
         raise ValueError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets, workers, executor, ray_address)
     if layout == "imagenet21k":  # a uniform random val split and a size cap by default (paper §5.2, issue 6)
-        from pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, random_holdout
+        from stagewise.pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, random_holdout
 
         max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
         holdout, holdout_split = DEFAULT_HOLDOUT if holdout is None else holdout, holdout_split or HOLDOUT_SPLIT

@@ -13,14 +13,14 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "build-shards": ("pipeline.build_shards", "turn an image tree into WebDataset shards (folder or s3://)"),
-    "verify-shards": ("pipeline.verify", "re-read shards: checksums, tar structure, decodes, class counts"),
-    "stats": ("pipeline.stats", "print samples, classes, bytes and image sizes of a shard dataset"),
-    "bench-build": ("pipeline.bench_build", "benchmark build-shards against a naive Pillow + webdataset baseline"),
-    "bench-model": ("pipeline.bench_model", "benchmark efficientnetv2_s against timm's tf_efficientnetv2_s"),
-    "bench-loader": ("pipeline.bench_loader", "benchmark the DALI loader against webdataset + torchvision"),
-    "schedule": ("pipeline.schedule", "print the per-stage progressive-learning plan of a preset"),
-    "train": ("pipeline.train", "train a model on shards (same as `python -m train`)"),
+    "build-shards": ("stagewise.pipeline.build_shards", "turn an image tree into WebDataset shards (folder or s3://)"),
+    "verify-shards": ("stagewise.pipeline.verify", "re-read shards: checksums, tar structure, decodes, class counts"),
+    "stats": ("stagewise.pipeline.stats", "print samples, classes, bytes and image sizes of a shard dataset"),
+    "bench-build": ("stagewise.benchmarks.bench_build", "benchmark build-shards against a naive Pillow + webdataset baseline"),
+    "bench-model": ("stagewise.benchmarks.bench_model", "benchmark efficientnetv2_s against timm's tf_efficientnetv2_s"),
+    "bench-loader": ("stagewise.benchmarks.bench_loader", "benchmark the DALI loader against webdataset + torchvision"),
+    "schedule": ("stagewise.train.schedule_cli", "print the per-stage progressive-learning plan of a preset"),
+    "train": ("stagewise.train.cli", "train a model on shards (same as `python -m train`)"),
 }
 
 
@@ -45,7 +45,7 @@ def version_string() -> str:
         own = importlib.metadata.version("stagewise")
     except importlib.metadata.PackageNotFoundError:
         own = "unknown"
-    from pipeline.imagefix import reencode_path
+    from stagewise.pipeline.imagefix import reencode_path
 
     return f"stagewise {own} ({pillow_flavour()}; {reencode_path()})"
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipeline.cli import main as pipeline_main
+from stagewise.pipeline.cli import main as pipeline_main
 
 VAL_PER_CLASS = 30  # 300 held-out images
 
@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             return rc
     if args.shards_only:
         return 0
-    if importlib.util.find_spec("train.demo") is None:
+    if importlib.util.find_spec("stagewise.train.demo") is None:
         print("demo: the trainer is not installed; stopping after the shards")
         return 0
-    from train.demo import run as train_demo
+    from stagewise.train.demo import run as train_demo
 
     train_demo(dest, os.path.join(args.root, "run"))
     return 0

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 try:  # optional C extension, built by `pip install` where libjpeg's headers are
-    from pipeline import _jpegraw
+    from stagewise.pipeline import _jpegraw
 except ImportError:
     _jpegraw = None
 

@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from pipeline.sources import InputFile, Scan, _files_under
+from stagewise.pipeline.sources import InputFile, Scan, _files_under
 
 DEFAULT_MAX_SIDE = 512  # px: 21k's longer sides; issue 6 default (most images are smaller and are copied as they are)
 DEFAULT_HOLDOUT = 100_000  # images, "randomly picked 100,000 images as validation set" (paper §5.2)
@@ -276,7 +276,7 @@ def _reduce_args(classes: tuple[str, ...], *parts: list[Record]) -> tuple[list[I
 
 def _join_ray(groups: list[list[Unit]], label_of: dict[str, int], classes: tuple[str, ...], buckets: int,
               ray_address: str | None):
-    from pipeline.ray_executor import connect, wait_all
+    from stagewise.pipeline.ray_executor import connect, wait_all
 
     ray = connect(ray_address)
     mapper = ray.remote(num_cpus=1, max_retries=3)(_map_returns).options(num_returns=buckets + 1)
@@ -303,7 +303,7 @@ def scan_imagenet21k(src: str, classes: tuple[str, ...] | None, *, workers: int,
         raise ValueError(f"{src}: synset(s) {unknown[:10]} are not in the class list ({len(classes)} classes)")
     label_of = {c: i for i, c in enumerate(classes)}
     if executor == "ray":
-        from pipeline.ray_executor import cluster_cpus, connect
+        from stagewise.pipeline.ray_executor import cluster_cpus, connect
 
         connect(ray_address)
         cpus = cluster_cpus()
@@ -321,7 +321,7 @@ def scan_imagenet21k(src: str, classes: tuple[str, ...] | None, *, workers: int,
 def random_holdout(inputs: list[InputFile], n: int, seed: int) -> tuple[list[InputFile], list[InputFile]]:
     """(rest, holdout): `n` inputs picked uniformly at random, seeded (paper §5.2), not class-balanced:
     21k has synsets with a handful of images, which a per-class holdout would empty."""
-    from pipeline.build_shards import hash_order
+    from stagewise.pipeline.build_shards import hash_order
 
     if n <= 0:
         return inputs, []

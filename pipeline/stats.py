@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from shards import iter_meta, open_split, read_manifest
+from stagewise.shards import iter_meta, open_split, read_manifest
 
 _SIDE_BINS = (0, 64, 128, 256, 384, 512, 1024, 2048, 10**9)  # px, longer side
 

@@ -18,9 +18,9 @@ from multiprocessing import get_context
 
 from PIL import Image
 
-from pipeline.imagefix import _SOF_BASELINE, _sof_marker
-from shards import ShardInfo, index_name, join_url, read_index, read_manifest, url_exists
-from shards.check import class_histogram, scan_shard
+from stagewise.pipeline.imagefix import _SOF_BASELINE, _sof_marker
+from stagewise.shards import ShardInfo, index_name, join_url, read_index, read_manifest, url_exists
+from stagewise.shards.check import class_histogram, scan_shard
 
 
 def _decode_problem(jpg: bytes, width: int, height: int) -> str | None:

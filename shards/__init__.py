@@ -4,9 +4,9 @@ This package is the only code that knows how a dataset is laid out: file names
 of shards and index files, the members of a sample, the manifest, and the
 checksums. Everything else goes through these names:
 
-    from shards import Sample, ShardWriter, read_manifest, open_split, iter_samples
+    from stagewise.shards import Sample, ShardWriter, read_manifest, open_split, iter_samples
 """
-from shards.layout import (
+from stagewise.shards.layout import (
     INDEX_SUFFIX,
     MANIFEST_NAME,
     SHARD_SUFFIX,
@@ -15,9 +15,9 @@ from shards.layout import (
     rejects_name,
     shard_name,
 )
-from shards.manifest import FORMAT, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
-from shards.reader import SplitView, iter_meta, iter_samples, iter_tar_members, open_split, read_index
-from shards.schema import (
+from stagewise.shards.manifest import FORMAT, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
+from stagewise.shards.dataset import SplitView, iter_meta, iter_samples, iter_tar_members, open_split, read_index
+from stagewise.shards.schema import (
     IMAGE_EXT,
     LABEL_EXT,
     META_EXT,
@@ -30,8 +30,8 @@ from shards.schema import (
     sample_from_members,
     targets_from_meta,
 )
-from shards.store import join_url, open_url, publish_bytes, publish_file, url_exists
-from shards.writer import ShardWriter, build_index
+from stagewise.shards.store import join_url, open_url, publish_bytes, publish_file, url_exists
+from stagewise.shards.writer import ShardWriter, build_index
 
 __all__ = [
     "FORMAT", "IMAGE_EXT", "INDEX_SUFFIX", "LABEL_EXT", "MANIFEST_NAME", "MEMBERS", "META_EXT",

@@ -10,9 +10,9 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-from shards.schema import MEMBERS, Sample, SampleError, sample_from_members
-from shards.store import open_url
-from shards.writer import build_index
+from stagewise.shards.schema import MEMBERS, Sample, SampleError, sample_from_members
+from stagewise.shards.store import open_url
+from stagewise.shards.writer import build_index
 
 
 class _HashingReader:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from shards.layout import MANIFEST_NAME
-from shards.store import join_url, open_url, publish_bytes, url_exists
+from stagewise.shards.layout import MANIFEST_NAME
+from stagewise.shards.store import join_url, open_url, publish_bytes, url_exists
 
 FORMAT = "stagewise-shards/1"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from shards.schema import Sample
+from stagewise.shards.schema import Sample
 
 INDEX_VERSION = "v1.2"  # the version DALI's wds2idx writes
 _BLOCK = 512  # tar block size, bytes

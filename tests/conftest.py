@@ -52,7 +52,7 @@ def write_photo_tree(root: Path, num_classes: int = 3, per_class: int = 5, seed:
 
 def build_tree_shards(root: Path, write_tree: Callable[[Path], Path], samples_per_shard: int) -> str:
     """`write_tree(root / "src")`, then the real shard builder's train split of it in `root / "ds"`; returns that."""
-    from pipeline.build_shards import build_shards  # imported here: most tests that load conftest need no shards
+    from stagewise.pipeline.build_shards import build_shards  # imported here: most tests that load conftest need no shards
 
     write_tree(root / "src")
     build_shards(str(root / "src"), str(root / "ds"), samples_per_shard=samples_per_shard)

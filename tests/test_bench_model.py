@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("timm")
 
-from pipeline import bench_model  # noqa: E402
+from stagewise.benchmarks import bench_model  # noqa: E402
 
 
 def _args(*argv: str) -> argparse.Namespace:

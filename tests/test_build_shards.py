@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.bench_build import make_input
-from pipeline.build_shards import _start_method, build_shards, parse_size
-from pipeline.cli import main as cli
-from pipeline.imagefix import reencode_path
-from shards import Sample, ShardWriter, iter_samples, make_key, open_split, read_index, read_manifest
+from stagewise.benchmarks.bench_build import make_input
+from stagewise.pipeline.build_shards import _start_method, build_shards, parse_size
+from stagewise.pipeline.cli import main as cli
+from stagewise.pipeline.imagefix import reencode_path
+from stagewise.shards import Sample, ShardWriter, iter_samples, make_key, open_split, read_index, read_manifest
 from tests.conftest import write_photo_tree, write_solid_tree
 from tests.quirks import BOMB_LIMIT, photo, write_quirk_tree
 

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.build_shards import build_shards
-from pipeline.cli import main as cli
-from shards import iter_samples, open_split, open_url
+from stagewise.pipeline.build_shards import build_shards
+from stagewise.pipeline.cli import main as cli
+from stagewise.shards import iter_samples, open_split, open_url
 from tests.quirks import BOMB_LIMIT, write_quirk_tree
 
 WNIDS = [f"n{1440764 + 37 * k:08d}" for k in range(10)]

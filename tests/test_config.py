@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.config import Config, ConfigError, differences, dump_yaml, parse, redacted, to_dict
+from stagewise.train.config import Config, ConfigError, differences, dump_yaml, parse, redacted, to_dict
 
 
 def test_defaults_are_the_papers_imagenet_recipe():

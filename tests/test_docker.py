@@ -109,8 +109,8 @@ def test_the_image_copies_every_package_and_the_context_keeps_them():
             copied |= {s.rstrip("/") for s in sources if not s.startswith("--")}
     for path in copied:
         assert (REPO / path).exists(), f"COPY {path}: not in the repository"
-    packages = _pyproject()["tool"]["setuptools"]["packages"]
-    missing = sorted((set(packages) | {"pyproject.toml", _pyproject()["project"]["readme"]}) - copied)
+    folders = _pyproject()["tool"]["setuptools"]["package-dir"].values()  # stagewise.X lives in folder X/
+    missing = sorted((set(folders) | {"pyproject.toml", _pyproject()["project"]["readme"]}) - copied)
     assert not missing, f"pip install . needs {missing}, which the Dockerfile does not copy"
     lines = [x.strip() for x in IGNORE.read_text().splitlines() if x.strip() and not x.startswith("#")]
     assert lines[0] == "*", "the ignore file must start by excluding everything (the .venv is gigabytes)"
@@ -145,7 +145,7 @@ def _expand(value: str) -> str:
 def _parser_for(subcommand: str) -> argparse.ArgumentParser:
     import importlib
 
-    from pipeline.cli import SUBCOMMANDS
+    from stagewise.pipeline.cli import SUBCOMMANDS
 
     parser = argparse.ArgumentParser(prog=f"pipeline {subcommand}", exit_on_error=False)
     importlib.import_module(SUBCOMMANDS[subcommand][0]).add_arguments(parser)
@@ -172,8 +172,8 @@ def test_compose_runs_a_store_a_build_and_a_gpu_training_with_valid_commands():
     assert args.dest.startswith("s3://stagewise/") and args.holdout_split == "val"
 
     train = [_expand(x) for x in services["train"]["command"]]
-    assert train[0] == "torchrun" and train[train.index("-m") + 1] == "train"
-    from train import config
+    assert train[0] == "torchrun" and train[train.index("-m") + 1] == "stagewise.train"
+    from stagewise.train import config
 
     cfg = config.from_args(_parser_for("train").parse_args(train[train.index("-m") + 2:]))  # validates keys and types
     assert cfg.data.url == args.dest and cfg.data.val_split == args.holdout_split and cfg.run.resume

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loaders import Loader, StageParams
-from pipeline.build_shards import build_shards
+from stagewise.loaders import Loader, StageParams
+from stagewise.pipeline.build_shards import build_shards
 from tests.conftest import write_photo_tree
 from tests.test_train_loop import TINY, records
-from train import config
-from train.loop import train
+from stagewise.train import config
+from stagewise.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

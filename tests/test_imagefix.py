@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pipeline.imagefix import normalize_image
+from stagewise.pipeline.imagefix import normalize_image
 from tests.quirks import mosaic
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.build_shards import build_shards
-from pipeline.cli import main as cli
-from pipeline.imagenet21k import find_units, hash_units, merge_bucket, random_holdout, scan_imagenet21k
-from pipeline.sources import InputFile
-from shards import decode_label, decode_meta, iter_samples, open_split
+from stagewise.pipeline.build_shards import build_shards
+from stagewise.pipeline.cli import main as cli
+from stagewise.pipeline.imagenet21k import find_units, hash_units, merge_bucket, random_holdout, scan_imagenet21k
+from stagewise.pipeline.sources import InputFile
+from stagewise.shards import decode_label, decode_meta, iter_samples, open_split
 
 SYNSETS = ("n00000101", "n00000202", "n00000303", "n00000404", "n00000505")
 
@@ -277,7 +277,7 @@ def test_the_loader_yields_normalized_multi_label_targets(tree, tmp_path):
     """Paper §5.2: "we normalize the labels to have sum of 1 before computing softmax loss"."""
     import torch
 
-    from loaders import Loader, StageParams
+    from stagewise.loaders import Loader, StageParams
 
     src, exp = tree
     dest = tmp_path / "out"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import imagefix
-from pipeline.imagefix import Rejected, normalize_image
+from stagewise.pipeline import imagefix
+from stagewise.pipeline.imagefix import Rejected, normalize_image
 from tests.quirks import mosaic, photo
 
 jpegraw = imagefix._jpegraw

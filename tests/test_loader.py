@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import Loader, StageParams
-from loaders.runner import FLIP_STREAM, batch_rng
-from pipeline.build_shards import build_shards
+from stagewise.loaders import Loader, StageParams
+from stagewise.loaders.runner import FLIP_STREAM, batch_rng
+from stagewise.pipeline.build_shards import build_shards
 from tests.conftest import PALETTE, build_tree_shards, write_photo_tree, write_solid_tree
 from tests.test_loader_support import (
     pixel_means, sample_ids, take, unique_sample, write_samples, write_unique_tree,

@@ -54,8 +54,8 @@ def test_bench_loader_baseline_feeds_more_workers_than_shards(tmp_path, monkeypa
 
     import torch
 
-    from pipeline.bench_loader import _BaselineShards
-    from shards import iter_samples, open_split
+    from stagewise.benchmarks.bench_loader import _BaselineShards
+    from stagewise.shards import iter_samples, open_split
 
     one_shard = build_tree_shards(tmp_path, lambda src: write_photo_tree(src, num_classes=3, per_class=2),
                                   samples_per_shard=6)

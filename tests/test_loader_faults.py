@@ -11,8 +11,8 @@ import pytest
 import s3fs
 import torch
 
-from loaders import Loader, LoaderError, StageParams
-from pipeline.build_shards import build_shards
+from stagewise.loaders import Loader, LoaderError, StageParams
+from stagewise.pipeline.build_shards import build_shards
 from tests.test_loader_support import jpeg_of, sample_ids, take, write_raw_split, write_unique_tree
 
 PLAIN = StageParams(image_size=16, randaug_magnitude=0, mixup_alpha=0, randaug_ops=0)

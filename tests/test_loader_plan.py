@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loaders.plan import EpochPlan, plan_epoch, shuffle_buffer_order
+from stagewise.loaders.plan import EpochPlan, plan_epoch, shuffle_buffer_order
 
 
 def _samples(plan: EpochPlan, real_only: bool = True) -> list[tuple[int, int]]:

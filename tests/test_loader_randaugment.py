@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from loaders.randaugment import (
+from stagewise.loaders.randaugment import (
     AFFINE, KERNELS, REFERENCE_OPS, RandAugmentConfig, SlotParams, affine_params, apply_layer, feed_slot,
     sample_slots, scalar_param, slot_inputs,
 )

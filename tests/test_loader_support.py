@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shards import Sample, ShardWriter, build_index, make_key, shard_name, index_name
-from shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
+from stagewise.shards import Sample, ShardWriter, build_index, make_key, shard_name, index_name
+from stagewise.shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 
 LEVELS = (24, 76, 128, 180, 232)  # 5 levels per channel, 52 apart: JPEG and resizing stay far inside
 

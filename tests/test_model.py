@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import EfficientNet, create_model, get_variant, list_models
-from model.layers import BN_EPS, BN_MOMENTUM, Conv2dSame, MBConv
+from stagewise.model import EfficientNet, create_model, get_variant, list_models
+from stagewise.model.layers import BN_EPS, BN_MOMENTUM, Conv2dSame, MBConv
 
 # Parameters at 1000 classes of the official checkpoints, as ported by timm.
 REFERENCE_PARAMS = {

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build_shards import build_shards
-from pipeline.cli import main as cli
+from stagewise.pipeline.build_shards import build_shards
+from stagewise.pipeline.cli import main as cli
 from tests.conftest import patched_env, write_solid_tree
 from tests.test_imagenet21k import shard_bytes, write_21k_tree
 
@@ -88,7 +88,7 @@ def test_a_failing_task_reaches_the_driver_with_its_error(ray_session, tmp_path)
 
 
 def test_cli_with_ray_and_an_unreachable_address_fails_fast(ray_session, tmp_path, capsys):
-    from pipeline.ray_executor import _check_reachable, connect
+    from stagewise.pipeline.ray_executor import _check_reachable, connect
 
     src = write_solid_tree(tmp_path / "src", num_classes=2, per_class=2)
     assert cli(["build-shards", str(src), str(tmp_path / "out"), "--executor", "ray", "--no-progress"]) == 0

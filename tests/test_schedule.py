@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from loaders import StageParams
-from pipeline.cli import main as pipeline_main
-from train.schedule import PRESETS, Preset, get_preset, plan, stage_dropout, stage_params, stage_values
+from stagewise.loaders import StageParams
+from stagewise.pipeline.cli import main as pipeline_main
+from stagewise.train.schedule import PRESETS, Preset, get_preset, plan, stage_dropout, stage_params, stage_values
 
 # Paper Table 6, typed in again here so that the test does not read the values it checks.
 TABLE_6 = {

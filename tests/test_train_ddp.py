@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from model import create_model
+from stagewise.model import create_model
 from tests.test_train_loop import make_dataset
-from train import checkpoint
-from train.distributed import fingerprint
+from stagewise.train import checkpoint
+from stagewise.train.distributed import fingerprint
 
 
 def free_port() -> int:

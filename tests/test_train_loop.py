@@ -17,16 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import Loader, StageParams
-from pipeline.build_shards import build_shards
-from shards import Sample, ShardWriter, make_key
-from shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
+from stagewise.loaders import Loader, StageParams
+from stagewise.pipeline.build_shards import build_shards
+from stagewise.shards import Sample, ShardWriter, make_key
+from stagewise.shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 from tests.conftest import write_solid_tree
-from train import build, checkpoint, config
-from train.distributed import Dist
-from train.loop import TrainingDiverged, main, train
-from train.losses import loss_fn
-from train.schedule import StagePlan, StageValues
+from stagewise.train import checkpoint, config, data
+from stagewise.train.distributed import Dist
+from stagewise.train.loop import TrainingDiverged, main, train
+from stagewise.train.losses import loss_fn
+from stagewise.train.schedule import StagePlan, StageValues
 
 
 # A run small enough for CI: tiny images, few steps, no progress bar. One torch thread: the loader's DALI
@@ -90,7 +90,7 @@ def test_data_hflip_prob_reaches_the_training_loader(shards, flag, expected):
     cfg = config.parse(TINY + ["--data", shards] + flag)
     stage = StagePlan(stage=0, n_stages=1, values=StageValues(32, 0.0, 0.0, 0.0), start_epoch=0, end_epoch=1,
                       batch_size=8, steps_per_epoch=4)
-    with build.train_loader(cfg, stage, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))) as loader:
+    with data.train_loader(cfg, stage, Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))) as loader:
         assert loader.hflip_prob == loader._runner.hflip_prob == expected
 
 

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import create_model
-from train import checkpoint
-from train.ema import EMA
-from train.losses import loss_fn, soft_cross_entropy, topk_correct
-from train.models import build_model, classifier_name, load_backbone, zero_head
-from train.optim import RMSpropTF, learning_rate, param_groups, scaled_lr
+from stagewise.model import create_model
+from stagewise.train import checkpoint
+from stagewise.train.ema import EMA
+from stagewise.train.losses import loss_fn, soft_cross_entropy, topk_correct
+from stagewise.train.models import build_model, classifier_name, load_backbone, zero_head
+from stagewise.train.optim import RMSpropTF, learning_rate, param_groups, scaled_lr
 
 
 def test_rmsprop_has_tf_semantics():

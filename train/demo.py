@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import time
 
-from shards import open_split
-from train import config
-from train.loop import train
+from stagewise.shards import open_split
+from stagewise.train import config
+from stagewise.train.loop import train
 
 EPOCHS = 10
 STAGES = 4

@@ -16,14 +16,14 @@ from contextlib import ExitStack, nullcontext
 import torch
 from torch import nn
 
-from shards import open_split
-from train import build, checkpoint, config, distributed, models
-from train.config import Config, ConfigError
-from train.ema import EMA
-from train.losses import loss_fn, topk_correct
-from train.optim import build_optimizer, learning_rate, scaled_lr, set_lr
-from train.schedule import StagePlan, plan
-from train.telemetry import Meter, Telemetry
+from stagewise.shards import open_split
+from stagewise.train import checkpoint, config, data, distributed, models
+from stagewise.train.config import Config, ConfigError
+from stagewise.train.ema import EMA
+from stagewise.train.losses import loss_fn, topk_correct
+from stagewise.train.optim import build_optimizer, learning_rate, scaled_lr, set_lr
+from stagewise.train.schedule import StagePlan, plan
+from stagewise.train.telemetry import Meter, Telemetry
 
 # Keys that may change between a run and its resume: where and how much it logs, not what it computes.
 RESUME_FREE = ("run.resume", "run.progress", "run.log_every", "run.ckpt_every", "run.dir", "run.ckpt_dir", "run.plots",
@@ -76,8 +76,8 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
         raise ConfigError("data.url is empty: pass --data DEST (a dataset built by `pipeline build-shards`)")
     split = open_split(cfg.data.url, cfg.data.train_split)
     variant = models.variant_of(cfg.model.name)
-    preset = build.resolve_preset(cfg, variant)
-    batch = build.global_batch(cfg, d.world_size)
+    preset = data.resolve_preset(cfg, variant)
+    batch = data.global_batch(cfg, d.world_size)
     epochs, max_steps = cfg.schedule.epochs, cfg.schedule.max_steps
     if max_steps:  # step-counted recipes (transfer: 10,000 steps): enough epochs to hold them
         epochs = math.ceil(max_steps / max(1, split.num_samples // batch))
@@ -140,7 +140,7 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
         net = torch.compile(net, dynamic=False)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.run.bf16 and d.device.type == "cuda"
                 else nullcontext())
-    eval_size, eval_crop = build.eval_size_and_crop(cfg, variant, preset)
+    eval_size, eval_crop = data.eval_size_and_crop(cfg, variant, preset)
     weights = "EMA" if ema is not None else "weights"
     check_every = 1 if d.device.type == "cpu" else cfg.run.log_every  # a CPU sync is free; a GPU sync is not
 
@@ -179,9 +179,9 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
             loader.close()
             loader = None
         if loader is None:
-            loader, loader_batch = resources.enter_context(build.train_loader(cfg, sp, d)), sp.batch_size
+            loader, loader_batch = resources.enter_context(data.train_loader(cfg, sp, d)), sp.batch_size
         else:
-            loader.set_stage(build.loader_params(sp.values, cfg))
+            loader.set_stage(data.loader_params(sp.values, cfg))
         meter.new_stage()
         done_in_stage = (epoch - sp.start_epoch) * len(loader) + batch_in_epoch
         tel.open_bar(f"stage {sp.stage + 1}/{sp.n_stages}", sp.steps, done_in_stage)
@@ -276,7 +276,7 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
 def evaluate(model: nn.Module, cfg: Config, d: distributed.Dist, size: int, crop: float, batch: int,
              autocast) -> dict:  # noqa: ANN001 - a context manager
     """Top-1/top-5 (%) of `model` on the val split, summed over ranks; padded samples (-1) are not counted."""
-    loader = build.eval_loader(cfg, size, crop, cfg.data.eval_batch_size or batch, d)
+    loader = data.eval_loader(cfg, size, crop, cfg.data.eval_batch_size or batch, d)
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=d.device)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model import create_model, get_variant
-from model.variants import Variant
+from stagewise.model import create_model, get_variant
+from stagewise.model.variants import Variant
 
 TORCHVISION = "torchvision:"
 

@@ -29,7 +29,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from loaders import StageParams
+from stagewise.loaders import StageParams
 
 SCHEDULES = ("paper", "automl", "random-resize")
 SIZE_MULTIPLE = 8  # px; intermediate sizes are rounded to this (issue 5)

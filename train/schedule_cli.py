@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from train.schedule import PRESETS, SCHEDULES, get_preset, plan
+from stagewise.train.schedule import PRESETS, SCHEDULES, get_preset, plan
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC2012 train split
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from model import create_model
+from stagewise.model import create_model
 
 # Same regularization in both models: our table's final S dropout (paper
 # Table 6) and the paper's stochastic depth 0.2 (survival 0.8).

@@ -6,10 +6,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from shards.layout import index_name
-from shards.manifest import SplitInfo, read_manifest
-from shards.schema import Sample, sample_from_members
-from shards.store import join_url, open_url
+from stagewise.shards.layout import index_name
+from stagewise.shards.manifest import SplitInfo, read_manifest
+from stagewise.shards.schema import Sample, sample_from_members
+from stagewise.shards.store import join_url, open_url
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def read_index(index_url: str) -> str:
 def iter_meta(shard_url: str, index_url: str) -> Iterator[dict]:
     """The json member of every sample, read through the index with ranged reads
     (a few KB per sample instead of the whole shard)."""
-    from shards.schema import META_EXT, decode_meta
+    from stagewise.shards.schema import META_EXT, decode_meta
 
     lines = read_index(index_url).splitlines()[1:]
     with open_url(shard_url, "rb") as f:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from loaders import Loader, StageParams
-from model.variants import Variant
-from train.config import Config, ConfigError
-from train.distributed import Dist
-from train.schedule import PRESETS, Preset, StagePlan, StageValues, get_preset
+from stagewise.loaders import Loader, StageParams
+from stagewise.model.variants import Variant
+from stagewise.train.config import Config, ConfigError
+from stagewise.train.distributed import Dist
+from stagewise.train.schedule import PRESETS, Preset, StagePlan, StageValues, get_preset
 
 
 def resolve_preset(cfg: Config, variant: Variant | None) -> Preset:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
-from loaders import stages
-from loaders.randaugment import RandAugmentConfig, slot_inputs
+from stagewise.loaders import ops
+from stagewise.loaders.randaugment import RandAugmentConfig, slot_inputs
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,16 @@ def _graph(spec: GraphSpec):
     jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
     window = fn.external_source(name="window", dtype=types.FLOAT, ndim=1)
     size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
-    img = stages.decode(jpg, window, spec.gpu)
+    img = ops.decode(jpg, window, spec.gpu)
     if not spec.train:
-        return stages.normalize(stages.crop(img, size), spec.mean, spec.std, spec.channels_last)
+        return ops.normalize(ops.crop(img, size), spec.mean, spec.std, spec.channels_last)
     flips = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-    img = stages.crop(img, size, roi=stages.flip(flips))  # flip fused into the resize
+    img = ops.crop(img, size, roi=ops.flip(flips))  # flip fused into the resize
     img = fn.cast(img, dtype=types.FLOAT)  # RandAugment's and mix's kernels run on float (see randaugment.py)
     if spec.layers > 0:
-        img = stages.randaugment(img, [slot_inputs(k) for k in range(spec.layers)], spec.randaug)
-    img = stages.mix(img, stages.mix_inputs())
-    return stages.normalize(img, spec.mean, spec.std, spec.channels_last)
+        img = ops.randaugment(img, [slot_inputs(k) for k in range(spec.layers)], spec.randaug)
+    img = ops.mix(img, ops.mix_inputs())
+    return ops.normalize(img, spec.mean, spec.std, spec.channels_last)
 
 
 def build_pipeline(spec: GraphSpec, *, batch_size: int, num_threads: int, device_id: int | None, depth: int, seed: int):

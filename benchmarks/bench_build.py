@@ -35,9 +35,9 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-from pipeline.build_shards import build_shards
-from pipeline.imagefix import reencode_path
-from pipeline.sources import scan_class_tree
+from stagewise.pipeline.build_shards import build_shards
+from stagewise.pipeline.imagefix import reencode_path
+from stagewise.pipeline.sources import scan_class_tree
 
 
 def make_input(dest: str, count: int, seed: int = 0) -> None:

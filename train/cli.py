@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from train import config
-from train.loop import main as train_main
+from stagewise.train import config
+from stagewise.train.loop import main as train_main
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

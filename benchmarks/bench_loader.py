@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from loaders import Loader, StageParams
+    from stagewise.loaders import Loader, StageParams
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -142,7 +142,7 @@ class _BaselineShards(torch.utils.data.IterableDataset):
         import webdataset as wds
         from torchvision.transforms import v2
 
-        from shards import IMAGE_EXT, LABEL_EXT
+        from stagewise.shards import IMAGE_EXT, LABEL_EXT
 
         # webdataset 1.0.2 has no s3:// handler (`wds.gopen` is the function; the table is in the module)
         importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _open_fsspec
@@ -187,7 +187,7 @@ def _baseline_loader(urls: list[str], size: int, magnitude: float, batch_size: i
 # ---------------------------------------------------------------- --readers
 def _reader_section(loader, size: int, args: argparse.Namespace, threads: int) -> str:
     """Same image ops (ROI decode, resize, flip, normalize; no RandAugment) behind two readers."""
-    from loaders import StageParams
+    from stagewise.loaders import StageParams
 
     loader.set_stage(StageParams(image_size=size, randaug_magnitude=0.0, mixup_alpha=0.0, randaug_ops=0))
     ours_stream = _cycle(loader)
@@ -207,7 +207,7 @@ def _reader_section(loader, size: int, args: argparse.Namespace, threads: int) -
 def _dali_reader_pipeline(view, size: int, batch_size: int, shard_id: int, num_shards: int):
     from nvidia.dali import fn, pipeline_def, types
 
-    from shards import IMAGE_EXT, LABEL_EXT
+    from stagewise.shards import IMAGE_EXT, LABEL_EXT
 
     @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=shard_id, prefetch_queue_depth=2)
     def graph():
@@ -248,7 +248,7 @@ def _torch_mixup(images: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.
 
 
 def _mixup_section(sizes: list[int], batch_size: int, repeats: int = 10) -> str:
-    """ms to mix one batch: torch on the output tensor vs the extra DALI ops the loader runs (stages.mix)."""
+    """ms to mix one batch: torch on the output tensor vs the extra DALI ops the loader runs (ops.mix)."""
     lines = [f"mixup of one batch of {batch_size}, ms per batch (torch: {torch.get_num_threads()} threads)",
              f"{'size':>6} {'torch':>8} {'DALI (marginal)':>16}"]
     perm = torch.from_numpy(np.random.default_rng(1).permutation(batch_size))
@@ -268,16 +268,16 @@ def _dali_mix_time(size: int, batch_size: int, repeats: int, mix: bool) -> float
     """ms per run of a float batch through normalize, with or without the loader's own mix stage."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from loaders import stages
-    from loaders.mixup import MIXUP, MixParams, feed_mix
+    from stagewise.loaders import ops
+    from stagewise.loaders.mixup import MIXUP, MixParams, feed_mix
 
     @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, seed=0, prefetch_queue_depth=1,
                   enable_conditionals=True)
     def graph():
         img = fn.external_source(name="img", dtype=types.FLOAT, ndim=3, layout="HWC")
         if mix:
-            img = stages.mix(img, stages.mix_inputs())
-        return stages.normalize(img, (0.5,) * 3, (0.5,) * 3, channels_last=False)
+            img = ops.mix(img, ops.mix_inputs())
+        return ops.normalize(img, (0.5,) * 3, (0.5,) * 3, channels_last=False)
 
     pipe = graph()
     pipe.build()

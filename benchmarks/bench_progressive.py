@@ -20,11 +20,11 @@ import statistics
 import sys
 import time
 
-from pipeline.build_shards import build_shards
-from pipeline.demo import write_digits_tree
-from train import config
-from train.demo import demo_args
-from train.loop import train
+from stagewise.pipeline.build_shards import build_shards
+from stagewise.pipeline.demo import write_digits_tree
+from stagewise.train import config
+from stagewise.train.demo import demo_args
+from stagewise.train.loop import train
 
 RUNS = {
     "fixed size": ["--schedule.stages=1"],

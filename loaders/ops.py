@@ -18,8 +18,8 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import do_not_convert
 
-from loaders.mixup import CUTMIX, MIXUP
-from loaders.randaugment import RandAugmentConfig, apply_layer
+from stagewise.loaders.mixup import CUTMIX, MIXUP
+from stagewise.loaders.randaugment import RandAugmentConfig, apply_layer
 
 
 @do_not_convert  # plain graph code: AutoGraph's transform would only cost build time

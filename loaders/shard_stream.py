@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from shards import IMAGE_EXT, LABEL_EXT, META_EXT, SampleError, decode_label, decode_meta, targets_from_meta
-from loaders.crop import jpeg_size
-from loaders.plan import EpochPlan
+from stagewise.shards import IMAGE_EXT, LABEL_EXT, META_EXT, SampleError, decode_label, decode_meta, targets_from_meta
+from stagewise.loaders.crop import jpeg_size
+from stagewise.loaders.plan import EpochPlan
 
 RUN_SAMPLES = 32  # samples per ranged read (~3 MB of 100 KB JPEGs: one GET)
 INDEX_CACHE = 64  # parsed .idx files kept per reader

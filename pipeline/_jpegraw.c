@@ -161,13 +161,17 @@ static int make_taps(taps_t *t, int in_len, double in_extent, int out_len, doubl
 static _Thread_local taps_t tap_cache[TAP_CACHE];
 static _Thread_local int tap_cache_next;
 
-static const taps_t *get_taps(int in_len, double in_extent, int out_len, double out_extent, int rowwise) {
+/* `keep`: taps the caller still holds (the other pass of the same resize), never evicted here.
+ * Evicting it once made a resize's column taps depend on which images came before. */
+static const taps_t *get_taps(int in_len, double in_extent, int out_len, double out_extent, int rowwise,
+                              const taps_t *keep) {
     for (int k = 0; k < TAP_CACHE; k++) {
         taps_t *t = &tap_cache[k];
         if (t->coef && t->in_len == in_len && t->out_len == out_len && t->rowwise == rowwise &&
             t->in_extent == in_extent && t->out_extent == out_extent)
             return t;
     }
+    if (&tap_cache[tap_cache_next] == keep) tap_cache_next = (tap_cache_next + 1) % TAP_CACHE;
     taps_t *t = &tap_cache[tap_cache_next];
     tap_cache_next = (tap_cache_next + 1) % TAP_CACHE;
     free_taps(t);
@@ -295,8 +299,8 @@ static int resize_plane(const plane_t *in, plane_t *out) {
         for (int y = 0; y < in->h; y++) memcpy(out->px + (size_t)y * out->w, in->px + (size_t)y * in->stride, in->w);
         return 0;
     }
-    const taps_t *tv = get_taps(in->h, in->eh, out->h, out->eh, 0);
-    const taps_t *th = get_taps(in->w, in->ew, out->w, out->ew, 1);
+    const taps_t *tv = get_taps(in->h, in->eh, out->h, out->eh, 0, NULL);
+    const taps_t *th = get_taps(in->w, in->ew, out->w, out->ew, 1, tv);
     uint8_t *mid = malloc((size_t)out->h * in->w);
     if (!tv || !th || !mid) {
         free(mid);

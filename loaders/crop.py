@@ -4,7 +4,6 @@ The decoder then decodes only the window (`fn.decoders.image_slice`) and the res
 scales it to the stage size, which together are a random-resized-crop whose output
 size can change between batches of one built pipeline.
 
-- `jpeg_size` reads the height and width from a JPEG's frame header (no decode).
 - `random_resized_crop` follows torchvision's RandomResizedCrop: 10 tries of
   area fraction ~ U(scale) and log-aspect ~ U(log ratio), then a center fallback.
 - `center_crop` gives the window that "resize the shorter side to S / crop_pct,
@@ -16,40 +15,7 @@ import math
 
 import numpy as np
 
-from stagewise.shards import SampleError
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # frame headers
-_NO_LENGTH = {0x01, 0xD8, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7}  # TEM, SOI, RST0-7
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 windows before the fallback
-
-
-def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
-    """(height, width) from the first frame header; SampleError if `data` is not a JPEG."""
-    buf = bytes(data[:2]) if len(data) >= 2 else b""
-    if buf != b"\xff\xd8":
-        raise SampleError("jpg member is not a JPEG (no SOI marker)")
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise SampleError(f"jpg member: bad marker at byte {i}")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _NO_LENGTH:
-            i += 2
-            continue
-        length = (data[i + 2] << 8) | data[i + 3]
-        if marker in _SOF and i + 9 <= n:
-            height = (data[i + 5] << 8) | data[i + 6]
-            width = (data[i + 7] << 8) | data[i + 8]
-            if height == 0 or width == 0:
-                raise SampleError(f"jpg member: frame header gives size {height}x{width}")
-            return height, width
-        if marker == 0xDA or length < 2:  # start of scan before any frame header
-            break
-        i += 2 + length
-    raise SampleError("jpg member: no JPEG frame header found (truncated or not baseline/progressive)")
 
 
 def random_resized_crop(

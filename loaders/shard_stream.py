@@ -26,7 +26,8 @@ import fsspec
 import numpy as np
 
 from stagewise.shards import IMAGE_EXT, LABEL_EXT, META_EXT, SampleError, decode_label, decode_meta, targets_from_meta
-from stagewise.loaders.crop import jpeg_size
+from stagewise.shards.index import parse_index
+from stagewise.shards.jpeg import read_frame_header
 from stagewise.loaders.plan import EpochPlan
 
 RUN_SAMPLES = 32  # samples per ranged read (~3 MB of 100 KB JPEGs: one GET)
@@ -62,23 +63,6 @@ class Fault:
 
 class _ShardError(Exception):
     pass
-
-
-def parse_index(text: str, url: str) -> list[dict[str, tuple[int, int, str]]]:
-    """wds2idx v1.2 text -> per sample {ext: (offset, size, member name)}."""
-    lines = text.splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[0].startswith("v1"):
-        raise ValueError(f"{url}: not a DALI wds2idx index (first line {lines[0] if lines else ''!r})")
-    samples = []
-    for n, line in enumerate(lines[1 : 1 + int(head[1])], start=2):
-        parts = line.split()
-        if len(parts) % 4:
-            raise ValueError(f"{url}: line {n} is not (ext offset size name) groups")
-        samples.append({parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts), 4)})
-    if len(samples) != int(head[1]):
-        raise ValueError(f"{url}: header promises {head[1]} samples, found {len(samples)}")
-    return samples
 
 
 class SampleReader:
@@ -270,7 +254,7 @@ class SampleReader:
             if bad:
                 raise SampleError(f"label(s) {bad} outside 0..{self.num_classes - 1}")
             jpg = payload(IMAGE_EXT)
-            height, width = jpeg_size(jpg)
+            frame = read_frame_header(jpg)
         except SampleError as exc:
             return Fault(url, key, str(exc))
-        return Item(key, jpg, label, tuple(labels), height, width, url)
+        return Item(key, jpg, label, tuple(labels), frame.height, frame.width, url)

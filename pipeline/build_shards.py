@@ -1,216 +1,35 @@
 """`pipeline build-shards`: an image tree -> WebDataset shards, an index per shard, a manifest.
 
-The build is planned up front and deterministically from `--seed`: inputs are
-ordered by a keyed hash of their source path (a shuffle that does not depend on
-the platform, and that moves few samples when a file is added), then cut into
-shards. Each shard is one task, so any executor builds the same bytes; a
-journal record written after each shard makes a rerun skip finished work.
+This module drives a build: it scans SRC (`sources`, `imagenet21k`), plans the
+shards (`plan`), runs the shard tasks on local processes or Ray
+(`ray_executor`), and writes the rejects report and, last, the manifest.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 
-from stagewise.pipeline.imagefix import DEFAULT_MAX_PIXELS, Rejected, normalize_image
-from stagewise.pipeline.sources import InputFile, Scan, read_class_list, scan_class_tree, scan_imagenet
-from stagewise.shards import Sample, ShardInfo, ShardWriter, SplitInfo, index_name, journal_name, make_key, rejects_name, shard_name
+from stagewise.pipeline import plan as planning
+from stagewise.pipeline.imagefix import DEFAULT_MAX_PIXELS
+from stagewise.pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, scan_imagenet21k
+from stagewise.pipeline.plan import (DEFAULT_SHARD_BYTES, EncodeOptions, ShardResult, ShardTask, build_one,
+                                     carve_holdout, finished_result, plan_shards, random_holdout)
+from stagewise.pipeline.ray_executor import run_on_ray
+from stagewise.pipeline.sources import Scan, read_class_list, scan_class_tree, scan_imagenet
+from stagewise.shards import SplitInfo, parse_shard_name, rejects_name, shard_name
 from stagewise.shards.manifest import Manifest, read_manifest_or_none, write_manifest
-from stagewise.shards.store import is_local, join_url, list_names, local_path, makedirs, open_url, publish_bytes, publish_file, remove_url, url_exists
+from stagewise.shards.store import is_local, join_url, list_names, local_path, makedirs, remove_url, write_atomic
 
 LAYOUTS = ("folder", "imagenet", "imagenet21k")
 EXECUTORS = ("local", "ray")
-DEFAULT_SHARD_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    max_side: int | None = None
-    quality: int = 90
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_copies: bool = True  # decode JPEGs copied byte for byte, to catch corrupt scans
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    dest: str
-    name: str
-    inputs: tuple[InputFile, ...]
-    options: EncodeOptions
-
-    @property
-    def plan_id(self) -> str:
-        """Changes whenever anything that shapes this shard's bytes changes."""
-        h = hashlib.sha256(json.dumps(asdict(self.options), sort_keys=True).encode())
-        for x in self.inputs:
-            h.update(f"\0{x.source}\0{x.labels or x.label}\0{x.size}".encode())
-        return h.hexdigest()
-
-
-@dataclass
-class ShardResult:
-    name: str
-    info: ShardInfo | None  # None when every input was rejected (no file is written)
-    rejects: list[tuple[str, str]] = field(default_factory=list)
-    fixes: dict[str, int] = field(default_factory=dict)
-    fixed: int = 0
-    copied: int = 0
-    bytes_in: int = 0
-    class_counts: dict[int, int] = field(default_factory=dict)
-    resumed: bool = False
-
-
-_progress = None  # a shared counter of processed inputs, set in each worker
-
-
-def _init_worker(counter) -> None:
-    global _progress
-    _progress = counter
-
-
-def _tick() -> None:
-    if _progress is not None:
-        with _progress.get_lock():
-            _progress.value += 1
-
-
-def _temp_path(task: ShardTask) -> str:
-    if is_local(task.dest):
-        folder = local_path(task.dest)
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, f".{task.name}.tmp-{uuid.uuid4().hex}")  # same file system: rename is atomic
-    fd, path = tempfile.mkstemp(suffix=".tar")
-    os.close(fd)
-    return path
-
-
-def build_one(task: ShardTask) -> ShardResult:
-    """Build, publish and journal one shard. Runs in a worker process."""
-    result = ShardResult(name=task.name, info=None)
-    fixes: Counter[str] = Counter()
-    counts: Counter[int] = Counter()
-    tmp = _temp_path(task)
-    writer = ShardWriter(tmp)
-    try:
-        for item in task.inputs:
-            try:
-                data = item.read()
-            except OSError as exc:
-                result.rejects.append((item.source, f"unreadable: {exc.strerror or exc}"))
-                _tick()
-                continue
-            result.bytes_in += len(data)
-            try:
-                img = normalize_image(data, max_side=task.options.max_side, quality=task.options.quality,
-                                      max_pixels=task.options.max_pixels, decode_copies=task.options.decode_copies)
-            except Rejected as exc:
-                result.rejects.append((item.source, str(exc)))
-                _tick()
-                continue
-            writer.write(Sample(key=make_key(item.source), jpg=img.jpg, label=item.label, class_name=item.class_name,
-                                source=item.source, width=img.width, height=img.height, labels=item.labels))
-            fixes.update(img.fixes)
-            result.fixed += bool(img.fixes)
-            result.copied += not img.fixes
-            counts[item.label] += 1
-            _tick()
-        written = writer.close()
-    except BaseException:
-        writer.abort()
-        os.path.exists(tmp) and os.unlink(tmp)
-        raise
-    if written.num_samples:
-        publish_file(tmp, join_url(task.dest, task.name))
-        publish_bytes(join_url(task.dest, index_name(task.name)), written.index.encode("ascii"))
-        result.info = ShardInfo(task.name, written.num_samples, written.bytes, written.sha256)
-    else:
-        os.unlink(tmp)
-    result.fixes, result.class_counts = dict(fixes), dict(counts)
-    record = {"plan_id": task.plan_id, **asdict(result)}
-    publish_bytes(join_url(task.dest, journal_name(task.name)), json.dumps(record).encode())
-    return result
-
-
-def _sha256_of(url: str) -> str:
-    h = hashlib.sha256()
-    with open_url(url, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def finished_result(task: ShardTask) -> ShardResult | None:
-    """The journalled result of `task` if its shard is complete and verified, else None."""
-    record_url = join_url(task.dest, journal_name(task.name))
-    if not url_exists(record_url):
-        return None
-    with open_url(record_url, "rb") as f:
-        record = json.loads(f.read())
-    if record.pop("plan_id") != task.plan_id:
-        return None
-    info_fields = record.pop("info")
-    info = ShardInfo(**info_fields) if info_fields is not None else None
-    if info is not None:
-        shard_url = join_url(task.dest, info.name)
-        if not (url_exists(shard_url) and url_exists(join_url(task.dest, index_name(info.name)))):
-            return None
-        if _sha256_of(shard_url) != info.sha256:
-            return None
-    result = ShardResult(name=task.name, info=info, **{k: v for k, v in record.items() if k not in ("name", "resumed")})
-    result.rejects = [tuple(r) for r in result.rejects]  # type: ignore[misc]
-    result.class_counts = {int(k): v for k, v in result.class_counts.items()}
-    result.resumed = True
-    return result
-
-
-def hash_order(seed: int, salt: str, inputs: list[InputFile]) -> list[InputFile]:
-    """A seeded shuffle: inputs sorted by sha256(seed, salt, source)."""
-    return sorted(inputs, key=lambda x: hashlib.sha256(f"{seed}\0{salt}\0{x.source}".encode()).digest())
-
-
-def carve_holdout(inputs: list[InputFile], n: int, seed: int) -> tuple[list[InputFile], list[InputFile]]:
-    """(rest, holdout): `n` inputs taken round-robin over classes, seeded, so it is class-balanced."""
-    if n <= 0:
-        return inputs, []
-    if n >= len(inputs):
-        raise ValueError(f"--holdout {n} must be smaller than the {len(inputs)} inputs")
-    by_class: dict[int, list[InputFile]] = {}
-    for x in hash_order(seed, "holdout", inputs):
-        by_class.setdefault(x.label, []).append(x)
-    queues = [by_class[k] for k in sorted(by_class)]
-    taken: set[str] = set()
-    depth = 0
-    while len(taken) < n:
-        for q in queues:
-            if depth < len(q) and len(taken) < n:
-                taken.add(q[depth].source)
-        depth += 1
-    return [x for x in inputs if x.source not in taken], [x for x in inputs if x.source in taken]
-
-
-def plan_shards(dest: str, split: str, inputs: list[InputFile], seed: int, samples_per_shard: int | None,
-                shard_bytes: int, options: EncodeOptions) -> list[ShardTask]:
-    ordered = hash_order(seed, split, inputs)
-    groups: list[list[InputFile]] = [[]]
-    size = 0
-    for x in ordered:
-        full = len(groups[-1]) >= samples_per_shard if samples_per_shard else size + x.size > shard_bytes
-        if groups[-1] and full:
-            groups.append([])
-            size = 0
-        groups[-1].append(x)
-        size += x.size
-    return [ShardTask(dest, shard_name(split, i), tuple(g), options) for i, g in enumerate(groups) if g]
 
 
 @dataclass
@@ -290,8 +109,6 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
     bar = Bar(total=total, initial=already, unit="img", desc=desc, disable=not progress, file=sys.stderr,
               dynamic_ncols=True, smoothing=0.1)
     if executor == "ray":
-        from stagewise.pipeline.ray_executor import run_on_ray
-
         for result in run_on_ray(todo, ray_address):
             results[result.name] = result
             bar.update(len(result.rejects) + (result.info.num_samples if result.info else 0))
@@ -303,7 +120,7 @@ def _run_tasks(tasks: list[ShardTask], total: int, workers: int, progress: bool,
         ctx = get_context(_start_method())
         counter = ctx.Value("q", 0)
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                 initializer=_init_worker, initargs=(counter,)) as pool:
+                                 initializer=planning.init_worker, initargs=(counter,)) as pool:
             futures = {pool.submit(build_one, t): t for t in todo}
             pending = set(futures)
             while pending:
@@ -332,7 +149,7 @@ def _write_split(dest: str, split: str, layout: str, classes: tuple[str, ...], t
     results = _run_tasks(tasks, total, workers, progress, split, executor, ray_address)
     rejects = sorted(scan_rejects + [r for res in results for r in res.rejects])
     lines = "".join(json.dumps({"source": s, "reason": r}) + "\n" for s, r in rejects)
-    publish_bytes(join_url(dest, rejects_name(split)), lines.encode("utf-8"))
+    write_atomic(join_url(dest, rejects_name(split)), lines.encode("utf-8"))
     infos = [r.info for r in results if r.info is not None]
     counts = Counter()
     fixes: Counter[str] = Counter()
@@ -353,14 +170,11 @@ def _write_split(dest: str, split: str, layout: str, classes: tuple[str, ...], t
         bytes_in=sum(r.bytes_in for r in results), bytes_out=sum(i.bytes for i in infos), seconds=time.time() - t0)
 
 
-_SHARD_FILE = re.compile(r"^(?P<split>.+)-\d{6}\.(tar|idx)$")
-
-
 def _remove_stale_shards(dest: str, split: str, keep: set[str]) -> None:
     """Shards of `split` left by an earlier build with another plan."""
     for name in list_names(dest):
-        m = _SHARD_FILE.match(name)
-        if m and m["split"] == split and name.replace(".idx", ".tar") not in keep:
+        parsed = parse_shard_name(name)
+        if parsed and parsed[0] == split and shard_name(split, parsed[1]) not in keep:
             remove_url(join_url(dest, name))
 
 
@@ -369,8 +183,6 @@ def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str 
                 ray_address: str | None) -> Scan:
     classes = read_class_list(classes_file) if classes_file else None
     if layout == "imagenet21k":
-        from stagewise.pipeline.imagenet21k import scan_imagenet21k
-
         return scan_imagenet21k(src, classes, workers=workers, executor=executor, ray_address=ray_address)
     if layout == "imagenet":
         return scan_imagenet(src, split, val_labels, val_synsets, classes)
@@ -403,8 +215,6 @@ def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "t
         raise ValueError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
     scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets, workers, executor, ray_address)
     if layout == "imagenet21k":  # a uniform random val split and a size cap by default (paper §5.2, issue 6)
-        from stagewise.pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, random_holdout
-
         max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
         holdout, holdout_split = DEFAULT_HOLDOUT if holdout is None else holdout, holdout_split or HOLDOUT_SPLIT
     holdout, holdout_split = holdout or 0, holdout_split or "minival"

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from stagewise.shards.jpeg import SOF_BASELINE, SOF_PROGRESSIVE, frame_marker
+
 try:  # optional C extension, built by `pip install` where libjpeg's headers are
     from stagewise.pipeline import _jpegraw
 except ImportError:
@@ -39,8 +41,6 @@ except ImportError:
 # Pillow's own default limit (about 0.25 GB of RGB pixels).
 DEFAULT_MAX_PIXELS = 89_478_485
 _ORIENTATION_TAG = 0x0112  # EXIF
-_SOF_BASELINE = 0xC0  # JPEG start-of-frame marker for baseline DCT
-_SOF_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)
 # EXIF orientation (EXIF 2.3, tag 0x0112) -> the transpose that shows the image upright.
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -72,28 +72,6 @@ class FixedImage:
     width: int
     height: int
     fixes: tuple[str, ...]  # empty: copied byte for byte
-
-
-def _sof_marker(data: bytes) -> int | None:
-    """The JPEG start-of-frame marker (0xC0 baseline, 0xC2 progressive, ...), if any."""
-    i = 2
-    n = len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return marker
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -190,8 +168,8 @@ def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixe
     orientation = im.getexif().get(_ORIENTATION_TAG, 1) if im.format in ("JPEG", "MPO") else 1
     fits = max_side is None or max(w, h) <= max_side
     is_jpeg = im.format == "JPEG"
-    sof = _sof_marker(data) if is_jpeg else None
-    if is_jpeg and im.mode == "RGB" and orientation in (1, None) and fits and sof == _SOF_BASELINE:
+    sof = frame_marker(data) if is_jpeg else None
+    if is_jpeg and im.mode == "RGB" and orientation in (1, None) and fits and sof == SOF_BASELINE:
         # Fast path: prove it decodes (the 1/8-scale draft decodes every
         # coefficient but skips most of the IDCT), then copy the bytes as they are.
         if decode_copies:
@@ -204,8 +182,8 @@ def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixe
     fixes: list[str] = []
     if not is_jpeg:
         fixes.append("not_jpeg")
-    elif sof != _SOF_BASELINE:
-        fixes.append("progressive" if sof in _SOF_PROGRESSIVE else "non_baseline")
+    elif sof != SOF_BASELINE:
+        fixes.append("progressive" if sof in SOF_PROGRESSIVE else "non_baseline")
     turn = orientation not in (1, None)
     size = box = None
     if not fits:  # the target, in the stored orientation: the EXIF turn comes last, on fewer pixels

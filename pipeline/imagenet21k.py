@@ -316,16 +316,3 @@ def scan_imagenet21k(src: str, classes: tuple[str, ...] | None, *, workers: int,
     inputs = sorted((x for part, _ in reduced for x in part), key=lambda x: x.source)
     merged = sum(m for _, m in reduced)
     return Scan(classes, inputs, sorted(rejects + map_rejects), duplicates=merged)
-
-
-def random_holdout(inputs: list[InputFile], n: int, seed: int) -> tuple[list[InputFile], list[InputFile]]:
-    """(rest, holdout): `n` inputs picked uniformly at random, seeded (paper §5.2), not class-balanced:
-    21k has synsets with a handful of images, which a per-class holdout would empty."""
-    from stagewise.pipeline.build_shards import hash_order
-
-    if n <= 0:
-        return inputs, []
-    if n >= len(inputs):
-        raise ValueError(f"--holdout {n} must be smaller than the {len(inputs)} inputs")
-    taken = {x.source for x in hash_order(seed, "holdout", inputs)[:n]}
-    return [x for x in inputs if x.source not in taken], [x for x in inputs if x.source in taken]

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from stagewise.pipeline.build_shards import ShardResult, ShardTask, build_one
+from stagewise.pipeline.plan import ShardResult, ShardTask, build_one
 
 STALL_SECONDS = 3600.0  # give up when no task has finished for an hour (no CPUs joined, a hung store, ...)
 CONNECT_SECONDS = 10.0  # to the head node's port, before handing the address to Ray

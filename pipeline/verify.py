@@ -18,13 +18,13 @@ from multiprocessing import get_context
 
 from PIL import Image
 
-from stagewise.pipeline.imagefix import _SOF_BASELINE, _sof_marker
 from stagewise.shards import ShardInfo, index_name, join_url, read_index, read_manifest, url_exists
 from stagewise.shards.check import class_histogram, scan_shard
+from stagewise.shards.jpeg import SOF_BASELINE, frame_marker
 
 
 def _decode_problem(jpg: bytes, width: int, height: int) -> str | None:
-    if _sof_marker(jpg) != _SOF_BASELINE:
+    if frame_marker(jpg) != SOF_BASELINE:
         return "not a baseline JPEG"
     try:
         with Image.open(io.BytesIO(jpg)) as im:

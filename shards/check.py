@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from stagewise.shards.index import Member, build_index
 from stagewise.shards.schema import MEMBERS, Sample, SampleError, sample_from_members
 from stagewise.shards.store import open_url
-from stagewise.shards.writer import build_index
+from stagewise.shards.tar import TarMember, group_by_key, iter_tar, split_member_name
 
 
 class _HashingReader:
@@ -45,45 +47,35 @@ class ShardScan:
 
 def scan_shard(url: str) -> ShardScan:
     scan = ShardScan()
-    entries: list[list[tuple[str, int, int, str]]] = []
-    members: dict[str, bytes] = {}
-    key: str | None = None
-    seen: set[str] = set()
+    entries: list[list[Member]] = []
 
-    def flush() -> None:
-        if key is None:
-            return
-        extra = sorted(set(members) - set(MEMBERS))
-        if extra:
-            scan.problems.append(f"sample {key!r} has unexpected member(s) {extra}")
-        try:
-            scan.samples.append(sample_from_members(key, members))
-        except SampleError as exc:
-            scan.problems.append(str(exc))
+    def named(stream) -> Iterator[tuple[str, tuple[str, TarMember]]]:
+        """(key, (ext, member)) of every well-named regular file, in tar order; the rest become problems."""
+        for m in iter_tar(stream):
+            kx = split_member_name(m.name)
+            if m.data is None:
+                scan.problems.append(f"member {m.name!r} is not a regular file")
+            elif kx is None or "/" in m.name:
+                scan.problems.append(f"member {m.name!r} is not named <key>.<ext>")
+            else:
+                yield kx[0], (kx[1], m)
 
     with open_url(url, "rb") as raw:
         stream = _HashingReader(raw)
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[arg-type]
-                for info in tar:
-                    if not info.isfile():
-                        scan.problems.append(f"member {info.name!r} is not a regular file")
-                        continue
-                    k, dot, ext = info.name.partition(".")
-                    if not dot or "/" in info.name:
-                        scan.problems.append(f"member {info.name!r} is not named <key>.<ext>")
-                        continue
-                    data = tar.extractfile(info).read()  # type: ignore[union-attr]
-                    if k != key:
-                        flush()
-                        if k in seen:
-                            scan.problems.append(f"key {k!r} appears in two places (members not contiguous)")
-                        seen.add(k)
-                        key, members = k, {}
-                        entries.append([])
-                    members[ext] = data
-                    entries[-1].append((ext, info.offset_data, info.size, info.name))
-            flush()
+            seen: set[str] = set()
+            for key, group in group_by_key(named(stream)):
+                if key in seen:
+                    scan.problems.append(f"key {key!r} appears in two places (members not contiguous)")
+                seen.add(key)
+                entries.append([(ext, m.offset, len(m.data), m.name) for ext, m in group])
+                extra = sorted({ext for ext, _ in group} - set(MEMBERS))
+                if extra:
+                    scan.problems.append(f"sample {key!r} has unexpected member(s) {extra}")
+                try:
+                    scan.samples.append(sample_from_members(key, {ext: m.data for ext, m in group}))
+                except SampleError as exc:
+                    scan.problems.append(str(exc))
             stream.drain()  # hash the end-of-archive padding too
         except (tarfile.TarError, EOFError, OSError) as exc:
             scan.problems.append(f"not a readable tar: {exc}")

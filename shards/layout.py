@@ -1,6 +1,8 @@
 """File names inside one dataset folder or prefix (DEST)."""
 from __future__ import annotations
 
+import re
+
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".tar"
 INDEX_SUFFIX = ".idx"  # DALI wds2idx format, one beside each shard
@@ -10,6 +12,15 @@ JOURNAL_DIR = "_journal"  # per-shard completion records, for resumable builds
 def shard_name(split: str, index: int) -> str:
     """`train-000000.tar`."""
     return f"{split}-{index:06d}{SHARD_SUFFIX}"
+
+
+_SHARD_FILE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})(?P<suffix>\.tar|\.idx)$")
+
+
+def parse_shard_name(name: str) -> tuple[str, int, str] | None:
+    """(split, index, suffix) of `train-000003.tar` or `train-000003.idx`; None for any other name."""
+    m = _SHARD_FILE.match(name)
+    return (m["split"], int(m["index"]), m["suffix"]) if m else None
 
 
 def index_name(shard: str) -> str:

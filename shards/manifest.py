@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from stagewise.shards.layout import MANIFEST_NAME
-from stagewise.shards.store import join_url, open_url, publish_bytes, url_exists
+from stagewise.shards.store import join_url, open_url, write_atomic, url_exists
 
 FORMAT = "stagewise-shards/1"
 
@@ -101,4 +101,4 @@ def read_manifest_or_none(dest: str) -> Manifest | None:
 
 def write_manifest(dest: str, manifest: Manifest) -> None:
     """Written last, atomically, after every shard and index it names."""
-    publish_bytes(join_url(dest, MANIFEST_NAME), manifest.to_json().encode("utf-8"))
+    write_atomic(join_url(dest, MANIFEST_NAME), manifest.to_json().encode("utf-8"))

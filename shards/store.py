@@ -1,14 +1,19 @@
-"""fsspec access to DEST: a local path, `file://` or `s3://bucket/prefix`.
+"""fsspec access to DEST and run folders: a local path, `file://` or `s3://bucket/prefix`; the one atomic writer.
 
 S3 credentials and endpoint come from the standard AWS environment and config
 files (`AWS_ENDPOINT_URL` for S3-compatible stores), as boto does. Objects
-become visible only when complete: locally by writing a temporary name and
-renaming; on S3 through a single PUT or a completed multipart upload.
+become visible only when complete: locally by writing a temporary name in the
+same folder, fsyncing it and renaming it (a crash leaves the old file or the
+new one, never half of one); on S3 through a single PUT or a completed
+multipart upload. Shards, indexes, manifests, journals and checkpoints all go
+through `write_atomic` / `publish_file`.
 """
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
+from typing import IO
 
 import fsspec
 
@@ -30,6 +35,11 @@ def join_url(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
+def parent_url(url: str) -> str:
+    """The folder or prefix holding `url` ('.' for a bare file name)."""
+    return url.rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
+
+
 def url_exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(path)
@@ -45,11 +55,20 @@ def makedirs(url: str) -> None:
         os.makedirs(local_path(url), exist_ok=True)
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish_file(local_tmp: str, url: str) -> None:
     """Move a finished local file to `url` so that it appears complete or not at all."""
     if is_local(url):
         target = local_path(url)
         os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+        _fsync(local_tmp)  # its bytes on disk before the rename makes them the file
         os.replace(local_tmp, target)  # atomic within one file system
         return
     fs, path = _fs(url)
@@ -57,17 +76,29 @@ def publish_file(local_tmp: str, url: str) -> None:
     os.unlink(local_tmp)
 
 
-def publish_bytes(url: str, data: bytes) -> None:
-    if is_local(url):
-        target = local_path(url)
-        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
+def write_atomic(url: str, data: bytes | Callable[[IO[bytes]], None]) -> None:
+    """`data` (bytes, or a function that writes to a binary file) at `url`, complete or not at all."""
+    write = data if callable(data) else (lambda f: f.write(data))
+    if not is_local(url):
+        import io
+
+        buf = io.BytesIO()
+        write(buf)
+        fs, path = _fs(url)
+        fs.pipe_file(path, buf.getvalue())  # one PUT (or a completed multipart upload): objects appear whole
         return
-    fs, path = _fs(url)
-    fs.pipe_file(path, data)
+    target = local_path(url)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # same folder, so the rename cannot cross file systems
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def remove_url(url: str) -> None:

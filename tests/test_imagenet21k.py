@@ -15,7 +15,8 @@ from PIL import Image
 
 from stagewise.pipeline.build_shards import build_shards
 from stagewise.pipeline.cli import main as cli
-from stagewise.pipeline.imagenet21k import find_units, hash_units, merge_bucket, random_holdout, scan_imagenet21k
+from stagewise.pipeline.imagenet21k import find_units, hash_units, merge_bucket, scan_imagenet21k
+from stagewise.pipeline.plan import random_holdout
 from stagewise.pipeline.sources import InputFile
 from stagewise.shards import decode_label, decode_meta, iter_samples, open_split
 

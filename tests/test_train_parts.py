@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stagewise.model import create_model
+from stagewise.shards.store import url_exists
 from stagewise.train import checkpoint
 from stagewise.train.ema import EMA
 from stagewise.train.losses import loss_fn, soft_cross_entropy, topk_correct
@@ -151,7 +152,7 @@ def test_checkpoint_on_s3(s3_bucket):
     url = f"{s3_bucket}/run/last.pt"
     checkpoint.save(url, {"model": {"w": torch.arange(4.0)}}, "x: 2\n")
     assert torch.equal(checkpoint.load(url)["model"]["w"], torch.arange(4.0))
-    assert checkpoint.exists(f"{s3_bucket}/run/config.yaml")
+    assert url_exists(f"{s3_bucket}/run/config.yaml")
 
 
 def test_finetune_replaces_only_the_head():

@@ -4,22 +4,19 @@ A checkpoint is one `torch.save` payload: model, EMA, optimizer, step/epoch/stag
 the loader's position, every RNG state (Python, NumPy, torch CPU, CUDA) and the
 redacted config. It is written to a temporary name and renamed (locally), or
 uploaded in one PUT (object stores), so a `kill -9` mid-write leaves the
-previous checkpoint intact. `config.yaml` is written beside it. Loading uses
+previous checkpoint intact (`shards.store.write_atomic`, the one atomic writer). `config.yaml` is written beside it. Loading uses
 `torch.load(weights_only=True)`: the payload holds only tensors and plain
 Python values, so nothing in a checkpoint can execute code.
 """
 from __future__ import annotations
 
 import io
-import os
 import random
-import uuid
-from collections.abc import Callable
-from typing import IO
 
-import fsspec
 import numpy as np
 import torch
+
+from stagewise.shards.store import join_url, open_url, parent_url, url_exists, write_atomic
 
 LATEST = "last.pt"  # overwritten every `run.ckpt_every` steps and at stage ends
 CONFIG_NAME = "config.yaml"
@@ -30,53 +27,17 @@ def stage_name(stage: int) -> str:
     return f"stage-{stage}.pt"
 
 
-def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def write_atomic(url: str, data: bytes | Callable[[IO[bytes]], None]) -> None:
-    """`data` (bytes, or a function that writes to a file) at `url`, complete or not at all."""
-    write = data if callable(data) else (lambda f: f.write(data))
-    if _is_local(url):
-        path = url[len("file://"):] if url.startswith("file://") else url
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic within one file system
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    buf = io.BytesIO()
-    write(buf)
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.pipe_file(path, buf.getvalue())  # one PUT (or a completed multipart upload): objects appear whole
-
-
-def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
-
-
 def save(url: str, payload: dict, config_yaml: str) -> None:
     """Write the checkpoint, then the config beside it."""
     write_atomic(url, lambda f: torch.save(payload, f))
-    write_atomic(join(url.rsplit("/", 1)[0] if "/" in url else ".", CONFIG_NAME), config_yaml.encode("utf-8"))
+    write_atomic(join_url(parent_url(url), CONFIG_NAME), config_yaml.encode("utf-8"))
 
 
 def load(url: str) -> dict:
     """A checkpoint's payload on the CPU; a clear error when it is missing or not a checkpoint."""
-    if not exists(url):
+    if not url_exists(url):
         raise FileNotFoundError(f"no checkpoint at {url}")
-    with fsspec.open(url, "rb") as f:
+    with open_url(url, "rb") as f:
         data = f.read()
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from stagewise.shards import open_split
+from stagewise.shards.store import join_url, url_exists, write_atomic
 from stagewise.train import checkpoint, config, data, distributed, models
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.ema import EMA
@@ -69,7 +70,7 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
     ckpt_dir = cfg.run.ckpt_dir or cfg.run.dir
     tel.print(f"config:\n{cfg_yaml}" if print_config else f"config: {cfg.run.dir}/{checkpoint.CONFIG_NAME}")
     if d.is_main:
-        checkpoint.write_atomic(checkpoint.join(cfg.run.dir, checkpoint.CONFIG_NAME), cfg_yaml.encode())
+        write_atomic(join_url(cfg.run.dir, checkpoint.CONFIG_NAME), cfg_yaml.encode())
 
     # --- data, preset, stages -------------------------------------------------------------
     if not cfg.data.url:
@@ -113,8 +114,8 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
     # --- resume -------------------------------------------------------------------------------
     step, epoch, batch_in_epoch, loader_state, last_good = 0, 0, 0, None, None
     torch.manual_seed(cfg.run.seed + 7919 * d.rank)  # dropout / drop-path masks differ between ranks
-    latest = checkpoint.join(ckpt_dir, checkpoint.LATEST)
-    if cfg.run.resume and checkpoint.exists(latest):
+    latest = join_url(ckpt_dir, checkpoint.LATEST)
+    if cfg.run.resume and url_exists(latest):
         ck = checkpoint.load(latest)
         changed = config.differences(ck["config"], cfg_tree, ignore=RESUME_FREE)
         if changed:
@@ -163,7 +164,7 @@ def _train(cfg: Config, d: distributed.Dist, tel: Telemetry, resources: ExitStac
                        "stage": _stage_of(stages, epoch), "loader": position, "rng": rngs, "config": cfg_tree}
             checkpoint.save(latest, payload, cfg_yaml)
             if stage_end is not None:
-                checkpoint.save(checkpoint.join(ckpt_dir, checkpoint.stage_name(stage_end)), payload, cfg_yaml)
+                checkpoint.save(join_url(ckpt_dir, checkpoint.stage_name(stage_end)), payload, cfg_yaml)
             tel.log("checkpoint", step, {"url": latest, "epoch": epoch, "batch": batch_in_epoch})
         if cfg.run.checkpoints:
             last_good = (latest, step)

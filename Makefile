@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile pipeline/_jpegraw.c
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m stagewise.pipeline.demo
+	$(BIN)/python -m stagewise.train.demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

@@ -8,12 +8,12 @@ Parameter counts equal the official checkpoints' (see docs/model.md).
 """
 
 from stagewise.model.net import DEFAULT_DROP_PATH_RATE, EfficientNet, create_model
-from stagewise.model.variants import Stage, Variant, get_variant, list_models
+from stagewise.model.variants import BlockGroup, Variant, get_variant, list_models
 
 __all__ = [
+    "BlockGroup",
     "DEFAULT_DROP_PATH_RATE",
     "EfficientNet",
-    "Stage",
     "Variant",
     "create_model",
     "get_variant",

@@ -1,7 +1,7 @@
 """The EfficientNet / EfficientNetV2 network, built from a `Variant` row, with run-time dropout and drop-path.
 
 `create_model(name)` is the public entry point. `EfficientNet.__init__` is the
-single builder: stem, the stages' blocks, head. The trainer changes the
+single builder: stem, the block groups, head. The trainer changes the
 regularization between progressive-learning stages with `set_dropout` and
 `set_drop_path`; the current values are `dropout_rate` and `drop_path_rate`.
 """
@@ -22,7 +22,7 @@ DEFAULT_DROP_PATH_RATE = 0.2
 
 
 class EfficientNet(nn.Module):
-    """Stem (3x3 s2 conv) -> MBConv / Fused-MBConv stages -> 1x1 head conv -> mean pool -> dropout -> linear."""
+    """Stem (3x3 s2 conv) -> MBConv / Fused-MBConv block groups -> 1x1 head conv -> mean pool -> dropout -> linear."""
 
     def __init__(self, variant: Variant, num_classes: int, dropout: float, drop_path_rate: float,
                  tf_same_padding: bool) -> None:
@@ -32,17 +32,17 @@ class EfficientNet(nn.Module):
         self.stem = ConvBnAct(3, variant.stem_ch, 3, 2, 1, act=True, tf_same=tf_same_padding)
         blocks: list[nn.Module] = []
         in_ch = variant.stem_ch
-        for stage in variant.stages:
-            for i in range(stage.repeats):
-                stride = stage.stride if i == 0 else 1  # only a stage's first block downsamples
-                if stage.block == "fused":
-                    block: nn.Module = FusedMBConv(in_ch, stage.out_ch, stage.kernel, stride, stage.expand,
+        for group in variant.groups:
+            for i in range(group.repeats):
+                stride = group.stride if i == 0 else 1  # only a group's first block downsamples
+                if group.block == "fused":
+                    block: nn.Module = FusedMBConv(in_ch, group.out_ch, group.kernel, stride, group.expand,
                                                    drop_path_rate=0.0, tf_same=tf_same_padding)
                 else:
-                    block = MBConv(in_ch, stage.out_ch, stage.kernel, stride, stage.expand, stage.se_ratio,
+                    block = MBConv(in_ch, group.out_ch, group.kernel, stride, group.expand, group.se_ratio,
                                    drop_path_rate=0.0, tf_same=tf_same_padding)
                 blocks.append(block)
-                in_ch = stage.out_ch
+                in_ch = group.out_ch
         self.blocks = nn.Sequential(*blocks)
         self.head = ConvBnAct(in_ch, variant.head_ch, 1, 1, 1, act=True, tf_same=tf_same_padding)
         self.classifier = nn.Linear(variant.head_ch, num_classes)

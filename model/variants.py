@@ -1,7 +1,7 @@
 """The EfficientNet / EfficientNetV2 variants, declared as data.
 
-Each variant is one frozen `Variant` row: its stem width, its stages (one
-frozen `Stage` each), its head width, and the training targets the trainer
+Each variant is one frozen `Variant` row: its stem width, its block groups (one
+frozen `BlockGroup` each), its head width, and the training targets the trainer
 and the loader read (image sizes, eval crop, final RandAugment magnitude,
 mixup alpha, dropout). The network builder (`model.net`) reads nothing else.
 
@@ -25,8 +25,9 @@ BlockType = Literal["fused", "mbconv"]
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One stage: `repeats` blocks; only the first has `stride` and changes width."""
+class BlockGroup:
+    """One group of blocks (the papers' "stage"; here that word means a training stage): `repeats` blocks;
+    only the first has `stride` and changes width."""
 
     block: BlockType  # "fused": Fused-MBConv (no depthwise); "mbconv": MBConv
     repeats: int
@@ -46,7 +47,7 @@ class Variant:
     width_mult: float  # compound-scaling width coefficient applied to the base config
     depth_mult: float  # compound-scaling depth coefficient applied to the base config
     stem_ch: int  # channels of the stride-2 3x3 stem conv
-    stages: tuple[Stage, ...]
+    groups: tuple[BlockGroup, ...]
     head_ch: int  # channels of the final 1x1 conv before pooling
     train_size: int  # final (largest) training image size, pixels
     eval_size: int  # test image size, pixels
@@ -56,21 +57,21 @@ class Variant:
     dropout: float  # final dropout before the classifier
 
 
-# --- Base stage tables -------------------------------------------------------
+# --- Base block-group tables -------------------------------------------------------
 # Abbreviations: F = Fused-MBConv, M = MBConv. Columns: repeats, kernel, stride,
 # expansion, output channels, SE ratio.
 
 
-def _f(r: int, k: int, s: int, e: int, c: int) -> Stage:
-    return Stage("fused", r, k, s, e, c, 0.0)
+def _f(r: int, k: int, s: int, e: int, c: int) -> BlockGroup:
+    return BlockGroup("fused", r, k, s, e, c, 0.0)
 
 
-def _m(r: int, k: int, s: int, e: int, c: int, se: float = 0.25) -> Stage:
-    return Stage("mbconv", r, k, s, e, c, se)
+def _m(r: int, k: int, s: int, e: int, c: int, se: float = 0.25) -> BlockGroup:
+    return BlockGroup("mbconv", r, k, s, e, c, se)
 
 
 # EfficientNet-B0: official v1_b0_block_str, V1 paper Table 1. Stem 32, head 1280.
-V1_B0_STAGES = (
+V1_B0_GROUPS = (
     _m(1, 3, 1, 1, 16),
     _m(2, 3, 2, 6, 24),
     _m(2, 5, 2, 6, 40),
@@ -81,7 +82,7 @@ V1_B0_STAGES = (
 )
 
 # EfficientNetV2 base (V2-B0): official v2_base_block. Stem 32, head 1280.
-V2_BASE_STAGES = (
+V2_BASE_GROUPS = (
     _f(1, 3, 1, 1, 16),
     _f(2, 3, 2, 4, 32),
     _f(2, 3, 2, 4, 48),
@@ -93,7 +94,7 @@ V2_BASE_STAGES = (
 # EfficientNetV2-S: paper Table 4 (identical to official v2_s_block). Stem 24.
 # Built from it, S has 21.46M parameters at 1000 classes, as the official
 # checkpoint; the paper's Tables 7 and 11 say 24M. We match the checkpoint.
-V2_S_STAGES = (
+V2_S_GROUPS = (
     _f(2, 3, 1, 1, 24),
     _f(4, 3, 2, 4, 48),
     _f(4, 3, 2, 4, 64),
@@ -102,8 +103,8 @@ V2_S_STAGES = (
     _m(15, 3, 2, 6, 256),
 )
 
-# EfficientNetV2-M: official v2_m_block (adds a 7th stage, 512 ch). Stem 24.
-V2_M_STAGES = (
+# EfficientNetV2-M: official v2_m_block (adds a 7th group, 512 ch). Stem 24.
+V2_M_GROUPS = (
     _f(3, 3, 1, 1, 24),
     _f(5, 3, 2, 4, 48),
     _f(5, 3, 2, 4, 80),
@@ -113,8 +114,8 @@ V2_M_STAGES = (
     _m(5, 3, 1, 6, 512),
 )
 
-# EfficientNetV2-L: official v2_l_block (7th stage with 640 ch). Stem 32.
-V2_L_STAGES = (
+# EfficientNetV2-L: official v2_l_block (7th group with 640 ch). Stem 32.
+V2_L_GROUPS = (
     _f(4, 3, 1, 1, 32),
     _f(7, 3, 2, 4, 64),
     _f(7, 3, 2, 4, 96),
@@ -125,7 +126,7 @@ V2_L_STAGES = (
 )
 
 # EfficientNetV2-XL: official v2_xl_block ("only for 21k pretraining"). Stem 32.
-V2_XL_STAGES = (
+V2_XL_GROUPS = (
     _f(4, 3, 1, 1, 32),
     _f(8, 3, 2, 4, 64),
     _f(8, 3, 2, 4, 96),
@@ -146,7 +147,7 @@ def round_channels(channels: int, width_mult: float, limit_10pct: bool) -> int:
 
     `limit_10pct`: V1's official round_filters adds 8 back when rounding lost
     more than 10%; V2's official round_filters does not. It matters once, for
-    V2-B3's first stage (16 * 1.2 = 19.2 -> 16 in V2, 24 under the V1 rule).
+    V2-B3's first group (16 * 1.2 = 19.2 -> 16 in V2, 24 under the V1 rule).
     """
     scaled = channels * width_mult
     rounded = max(CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR)
@@ -156,18 +157,19 @@ def round_channels(channels: int, width_mult: float, limit_10pct: bool) -> int:
 
 
 def round_repeats(repeats: int, depth_mult: float) -> int:
-    """Scale a stage's block count by `depth_mult`, rounding up (official round_repeats)."""
+    """Scale a group's block count by `depth_mult`, rounding up (official round_repeats)."""
     return int(math.ceil(depth_mult * repeats))
 
 
-def scale_stages(stages: tuple[Stage, ...], width_mult: float, depth_mult: float, limit_10pct: bool) -> tuple[Stage, ...]:
+def scale_groups(groups: tuple[BlockGroup, ...], width_mult: float, depth_mult: float,
+                 limit_10pct: bool) -> tuple[BlockGroup, ...]:
     return tuple(
         replace(
             st,
             out_ch=round_channels(st.out_ch, width_mult, limit_10pct),
             repeats=round_repeats(st.repeats, depth_mult),
         )
-        for st in stages
+        for st in groups
     )
 
 
@@ -189,7 +191,7 @@ def _v1(name: str, width: float, depth: float, size: int, dropout: float) -> Var
         width_mult=width,
         depth_mult=depth,
         stem_ch=round_channels(32, width, limit_10pct=True),
-        stages=scale_stages(V1_B0_STAGES, width, depth, limit_10pct=True),
+        groups=scale_groups(V1_B0_GROUPS, width, depth, limit_10pct=True),
         head_ch=round_channels(1280, width, limit_10pct=True),  # V1 head scales with width
         train_size=size,
         eval_size=size,
@@ -210,7 +212,7 @@ def _v2_base(name: str, width: float, depth: float, train: int, test: int, dropo
         width_mult=width,
         depth_mult=depth,
         stem_ch=round_channels(32, width, limit_10pct=False),
-        stages=scale_stages(V2_BASE_STAGES, width, depth, limit_10pct=False),
+        groups=scale_groups(V2_BASE_GROUPS, width, depth, limit_10pct=False),
         head_ch=round_channels(1280, width, limit_10pct=False),  # official Head: round_filters(1280)
         train_size=train,
         eval_size=test,
@@ -221,7 +223,7 @@ def _v2_base(name: str, width: float, depth: float, train: int, test: int, dropo
     )
 
 
-def _v2(name: str, stem: int, stages: tuple[Stage, ...], train: int, test: int,
+def _v2(name: str, stem: int, groups: tuple[BlockGroup, ...], train: int, test: int,
         randaug: int, mixup: float, dropout: float) -> Variant:
     # S/M/L/XL are hand-designed (width = depth = 1.0); head 1280. Eval at
     # >= 320 px resizes the whole image (official preprocess_for_eval): crop 1.0.
@@ -231,7 +233,7 @@ def _v2(name: str, stem: int, stages: tuple[Stage, ...], train: int, test: int,
         width_mult=1.0,
         depth_mult=1.0,
         stem_ch=stem,
-        stages=stages,
+        groups=groups,
         head_ch=1280,
         train_size=train,
         eval_size=test,
@@ -243,15 +245,16 @@ def _v2(name: str, stem: int, stages: tuple[Stage, ...], train: int, test: int,
 
 
 _ROWS = (
-    # S/M/L final values: paper Table 6 (max column). The official configs
-    # differ: S dropout 0.2 / RandAugment 10; M train 384, dropout 0.3, RA 15;
-    # L train 384, dropout 0.4, RA 20, mixup 0.5. We follow the paper, which is
-    # what the trainer's presets (issue 5) use. Eval sizes: official configs.
-    _v2("efficientnetv2_s", 24, V2_S_STAGES, train=300, test=384, randaug=15, mixup=0.0, dropout=0.3),
-    _v2("efficientnetv2_m", 24, V2_M_STAGES, train=380, test=480, randaug=20, mixup=0.2, dropout=0.4),
-    _v2("efficientnetv2_l", 32, V2_L_STAGES, train=380, test=480, randaug=25, mixup=0.4, dropout=0.5),
+    # S/M/L final values: paper Table 6 (max column; the min column is FirstStage
+    # below). The official configs differ: S dropout 0.2 / RandAugment 10; M train
+    # 384, dropout 0.3, RA 15; L train 384, dropout 0.4, RA 20, mixup 0.5. We
+    # follow the paper, from which the trainer's presets derive. Eval sizes:
+    # official configs.
+    _v2("efficientnetv2_s", 24, V2_S_GROUPS, train=300, test=384, randaug=15, mixup=0.0, dropout=0.3),
+    _v2("efficientnetv2_m", 24, V2_M_GROUPS, train=380, test=480, randaug=20, mixup=0.2, dropout=0.4),
+    _v2("efficientnetv2_l", 32, V2_L_GROUPS, train=380, test=480, randaug=25, mixup=0.4, dropout=0.5),
     # XL is not in Table 6: official config (384, 512, dropout 0.4, RA 20, mixup 0.5).
-    _v2("efficientnetv2_xl", 32, V2_XL_STAGES, train=384, test=512, randaug=20, mixup=0.5, dropout=0.4),
+    _v2("efficientnetv2_xl", 32, V2_XL_GROUPS, train=384, test=512, randaug=20, mixup=0.5, dropout=0.4),
     # V2-B0..B3, official configs: (width, depth, train, test, dropout).
     _v2_base("efficientnetv2_b0", 1.0, 1.0, 192, 224, 0.2),
     _v2_base("efficientnetv2_b1", 1.0, 1.1, 192, 240, 0.2),
@@ -269,6 +272,24 @@ _ROWS = (
 )
 
 VARIANTS: dict[str, Variant] = {row.name: row for row in _ROWS}
+
+
+@dataclass(frozen=True)
+class FirstStage:
+    """Paper Table 6's "min" column: what progressive learning's first stage uses, shared by every model.
+
+    The "max" column is each row's own train_size, randaug_magnitude, mixup_alpha
+    and dropout, so Table 6 is stored once: these values plus the S/M/L rows.
+    """
+
+    image_size: int = 128  # px
+    randaug_magnitude: float = 5.0
+    mixup_alpha: float = 0.0
+    dropout: float = 0.1
+
+
+TABLE_6_FIRST_STAGE = FirstStage()
+TABLE_6_MODELS = ("efficientnetv2_s", "efficientnetv2_m", "efficientnetv2_l")  # the rows Table 6 lists
 
 
 def list_models() -> list[str]:

@@ -66,7 +66,7 @@ def test_rows_are_frozen_and_unknown_names_are_refused():
     with pytest.raises(dataclasses.FrozenInstanceError):
         row.dropout = 0.9  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        row.stages[0].repeats = 3  # type: ignore[misc]
+        row.groups[0].repeats = 3  # type: ignore[misc]
     with pytest.raises(ValueError, match="efficientnetv2_s"):
         create_model("efficientnetv2_q")
 
@@ -74,7 +74,7 @@ def test_rows_are_frozen_and_unknown_names_are_refused():
 def test_v2_s_is_paper_table_4():
     v = get_variant("efficientnetv2_s")
     assert v.stem_ch == 24 and v.head_ch == 1280
-    got = [(s.block, s.expand, s.kernel, s.se_ratio, s.stride, s.out_ch, s.repeats) for s in v.stages]
+    got = [(s.block, s.expand, s.kernel, s.se_ratio, s.stride, s.out_ch, s.repeats) for s in v.groups]
     assert got == [
         ("fused", 1, 3, 0.0, 1, 24, 2),
         ("fused", 4, 3, 0.0, 2, 48, 4),
@@ -89,13 +89,13 @@ def test_compound_scaling_is_computed_from_b0():
     # EfficientNet-B7 (width 2.0, depth 3.1) as in the official checkpoint.
     b7 = get_variant("efficientnet_b7")
     assert (b7.stem_ch, b7.head_ch) == (64, 2560)
-    assert [s.repeats for s in b7.stages] == [4, 7, 7, 10, 10, 13, 4]
-    assert [s.out_ch for s in b7.stages] == [32, 48, 80, 160, 224, 384, 640]
+    assert [s.repeats for s in b7.groups] == [4, 7, 7, 10, 10, 13, 4]
+    assert [s.out_ch for s in b7.groups] == [32, 48, 80, 160, 224, 384, 640]
     # V2-B3 (width 1.2, depth 1.4): V2's rounding keeps 16*1.2 -> 16 (V1's 10% rule would give 24).
     b3 = get_variant("efficientnetv2_b3")
     assert (b3.stem_ch, b3.head_ch) == (40, 1536)
-    assert [s.out_ch for s in b3.stages] == [16, 40, 56, 112, 136, 232]
-    assert [s.repeats for s in b3.stages] == [2, 3, 3, 5, 7, 12]
+    assert [s.out_ch for s in b3.groups] == [16, 40, 56, 112, 136, 232]
+    assert [s.repeats for s in b3.groups] == [2, 3, 3, 5, 7, 12]
 
 
 def test_training_targets_follow_paper_table_6():

@@ -7,7 +7,8 @@ import pytest
 
 from stagewise.loaders import StageParams
 from stagewise.pipeline.cli import main as pipeline_main
-from stagewise.train.schedule import PRESETS, Preset, get_preset, plan, stage_dropout, stage_params, stage_values
+from stagewise.model import get_variant, list_models
+from stagewise.train.schedule import PRESETS, Preset, get_preset, plan, preset_for, stage_values
 
 # Paper Table 6, typed in again here so that the test does not read the values it checks.
 TABLE_6 = {
@@ -43,13 +44,23 @@ def test_algorithm_1_every_preset_and_stage_count(name, m):
         assert v.randaug_magnitude == pytest.approx(r0 + (re - r0) * ratio, abs=1e-12)
         assert v.mixup_alpha == pytest.approx(x0 + (xe - x0) * ratio, abs=1e-12)
         assert v.dropout == pytest.approx(d0 + (de - d0) * ratio, abs=1e-12)
-        sp = stage_params(i, m, preset, "paper", label_smoothing=0.1)
+        sp = v.loader_params(randaug_ops=2, label_smoothing=0.1)
         assert isinstance(sp, StageParams)
-        assert (sp.image_size, sp.randaug_magnitude, sp.mixup_alpha, sp.label_smoothing) == (
-            v.image_size, v.randaug_magnitude, v.mixup_alpha, 0.1)
-        assert stage_dropout(i, m, preset, "paper") == v.dropout
+        assert (sp.image_size, sp.randaug_magnitude, sp.mixup_alpha, sp.randaug_ops, sp.label_smoothing) == (
+            v.image_size, v.randaug_magnitude, v.mixup_alpha, 2, 0.1)
     if m > 1:  # stage 0 trains at the minimum values
         assert stage_values(0, m, preset).image_size == s0
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_variant_row_gives_a_preset_from_table_6s_first_stage_to_its_own_final_values(name):
+    v = get_variant(name)
+    p = preset_for(v)
+    assert (p.max_size, p.max_randaug, p.max_mixup, p.max_dropout) == (
+        v.train_size, v.randaug_magnitude, v.mixup_alpha, v.dropout)
+    (s0, _), (r0, _), (x0, _), (d0, _) = TABLE_6["efficientnetv2_s"]  # the min column, shared by all models
+    assert (p.min_size, p.min_randaug, p.min_mixup, p.min_dropout) == (
+        min(s0, v.train_size), min(r0, v.randaug_magnitude), min(x0, v.mixup_alpha), min(d0, v.dropout))
 
 
 def test_stage_line_matches_the_issue_example():

@@ -24,7 +24,8 @@ from stagewise.shards.manifest import Manifest, ShardInfo, SplitInfo, write_mani
 from tests.conftest import write_solid_tree
 from stagewise.train import checkpoint, config, data
 from stagewise.train.distributed import Dist
-from stagewise.train.loop import TrainingDiverged, main, train
+from stagewise.train.cli import main
+from stagewise.train.loop import TrainingDiverged, train
 from stagewise.train.losses import loss_fn
 from stagewise.train.schedule import StagePlan, StageValues
 

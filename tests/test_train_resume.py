@@ -97,6 +97,6 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
     assert not torch.equal(a["model"]["stem.conv.weight"], at_kill["model"]["stem.conv.weight"])
 
     # resuming with a changed recipe is refused, naming the change
-    from stagewise.train.loop import main
+    from stagewise.train.cli import main
 
     assert main(args(shards, killed)[3:] + ["--resume", "--optim.lr=0.5"]) == 2

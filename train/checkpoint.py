@@ -2,15 +2,17 @@
 
 A checkpoint is one `torch.save` payload: model, EMA, optimizer, step/epoch/stage,
 the loader's position, every RNG state (Python, NumPy, torch CPU, CUDA) and the
-redacted config. It is written to a temporary name and renamed (locally), or
-uploaded in one PUT (object stores), so a `kill -9` mid-write leaves the
-previous checkpoint intact (`shards.store.write_atomic`, the one atomic writer). `config.yaml` is written beside it. Loading uses
+redacted config. It is written to a temporary name, fsynced and renamed
+(locally), or uploaded in one PUT (object stores), so a `kill -9` mid-write
+leaves the previous checkpoint intact (`shards.store.write_atomic`, the one
+atomic writer). `config.yaml` is written beside it. Loading uses
 `torch.load(weights_only=True)`: the payload holds only tensors and plain
 Python values, so nothing in a checkpoint can execute code.
 """
 from __future__ import annotations
 
 import io
+import json
 import random
 
 import numpy as np
@@ -72,6 +74,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(world_size: int) -> list[dict]:
+    """Every rank's RNG states, in rank order (each rank resumes with its own)."""
+    if world_size == 1:
+        return [rng_state()]
+    out: list = [None] * world_size
+    torch.distributed.all_gather_object(out, rng_state())
+    return out
+
+
+def plain(x):  # noqa: ANN001, ANN201 - any JSON-able tree
+    """`x` as plain JSON values (numpy scalars become numbers), which weights_only loading accepts."""
+    return json.loads(json.dumps(x, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
 
 
 def _tuples(x):  # noqa: ANN001, ANN202 - random.setstate needs tuples back where lists may come out

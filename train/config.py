@@ -109,6 +109,7 @@ class RunConfig:
     resume: bool = _f(False, "continue from the latest checkpoint in ckpt_dir (if there is one)")
     finetune_from: str = _f("", "checkpoint to start from, with a new classifier head (a resume takes precedence)")
     eval: str = _f("stages", "evaluate the EMA weights on data.val_split: stages (every stage end) | end | none")
+    eval_points: int = _f(0, "also evaluate at this many evenly spaced steps (time-to-accuracy curves); 0 = none")
     log_every: int = _f(20, "log metrics every N steps")
     progress: bool = _f(True, "progress bar per stage (rank 0)")
     plots: bool = _f(True, "PNG plots in run.dir at the end")
@@ -377,7 +378,7 @@ def build(file_values: dict[str, Any], cli: dict[str, str], file_name: str = "co
 
 def parse(argv: list[str]) -> Config:
     """The tree from a command line such as `["--config", "a.yaml", "--optim.lr=0.1"]`."""
-    parser = argparse.ArgumentParser(prog="python -m train", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m stagewise.train", allow_abbrev=False,
                                      description="Train a classifier on shards, the EfficientNetV2 way.")
     add_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
@@ -407,6 +408,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.model.bn_momentum <= 1, "model.bn_momentum must be in [0, 1]"),
         (cfg.run.ckpt_every >= 0, "run.ckpt_every must be >= 0"),
         (cfg.run.log_every >= 1, "run.log_every must be >= 1"),
+        (cfg.run.eval_points >= 0, "run.eval_points must be >= 0"),
         (all(s > 0 for s in cfg.data.std), "data.std must be > 0"),
         (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must be 0 < lo <= hi <= 1"),
         (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob must be in [0, 1]"),

@@ -13,6 +13,7 @@ from torch import nn
 
 from stagewise.model import create_model, get_variant
 from stagewise.model.variants import Variant
+from stagewise.train import checkpoint
 
 TORCHVISION = "torchvision:"
 
@@ -78,6 +79,15 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     replaced = sorted(k for k in own if k.startswith(head))
     model.load_state_dict({**body, **{k: own[k] for k in replaced}}, strict=True)
     return replaced
+
+
+def load_for_finetune(model: nn.Module, url: str) -> str:
+    """Backbone from a checkpoint's EMA weights (official ft_init_ema) or plain weights; a fresh head.
+    Returns the line to print."""
+    ck = checkpoint.load(url)
+    state = ck["ema"]["weights"] if ck.get("ema") else ck["model"]
+    replaced = load_backbone(model, state, url)
+    return f"fine-tuning from {url}: new classifier head ({', '.join(replaced)})"
 
 
 def zero_head(model: nn.Module) -> str:

@@ -1,7 +1,8 @@
 """Progressive learning with adaptive regularization: which image size and regularization each stage uses.
 
-Pure functions of (stage, number of stages, preset, schedule kind); no I/O, no
-torch. Three schedule kinds:
+Pure functions of (stage, number of stages, preset, schedule kind), as FFCV's
+`get_resolution`; no I/O. Presets derive from the variant table (`model/variants.py`,
+where Table 6 is stored). Three schedule kinds:
 
 - "paper": the paper's Algorithm 1. Stage i of M uses S0 + (Se - S0) * i/(M-1)
   for the image size and the same formula for every regularizer, so stage 0
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from stagewise.loaders import StageParams
+from stagewise.model.variants import TABLE_6_FIRST_STAGE, TABLE_6_MODELS, Variant, get_variant
+from stagewise.train.config import ConfigError, ScheduleConfig
 
 SCHEDULES = ("paper", "automl", "random-resize")
 SIZE_MULTIPLE = 8  # px; intermediate sizes are rounded to this (issue 5)
@@ -61,12 +64,46 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: dropout must be < 1")
 
 
-# Paper Table 6: all models share the minimum values, the maximum grows with the model.
-PRESETS: dict[str, Preset] = {
-    "efficientnetv2_s": Preset("efficientnetv2_s", 128, 300, 5, 15, 0.0, 0.0, 0.1, 0.3),
-    "efficientnetv2_m": Preset("efficientnetv2_m", 128, 380, 5, 20, 0.0, 0.2, 0.1, 0.4),
-    "efficientnetv2_l": Preset("efficientnetv2_l", 128, 380, 5, 25, 0.0, 0.4, 0.1, 0.5),
-}
+def preset_for(variant: Variant) -> Preset:
+    """A model's preset, derived from its `model/` row: Table 6's shared first stage (each value capped at the
+    row's final one) to the row's final train size, RandAugment, mixup and dropout."""
+    first = TABLE_6_FIRST_STAGE
+    return Preset(variant.name, min(first.image_size, variant.train_size), variant.train_size,
+                  min(first.randaug_magnitude, variant.randaug_magnitude), float(variant.randaug_magnitude),
+                  min(first.mixup_alpha, variant.mixup_alpha), variant.mixup_alpha,
+                  min(first.dropout, variant.dropout), variant.dropout)
+
+
+# Paper Table 6 (the rows it lists), derived from the variant table where it is stored.
+PRESETS: dict[str, Preset] = {name: preset_for(get_variant(name)) for name in TABLE_6_MODELS}
+
+
+def preset_from_config(s: ScheduleConfig, model_name: str, variant: Variant | None) -> Preset:
+    """The run's preset: `schedule.preset` by name, else the model's own (`preset_for` its row; torchvision
+    models, which have no row, get efficientnetv2_s's), then the `schedule.min_*/max_*` overrides."""
+    name = s.preset or (model_name if model_name in PRESETS else "")
+    if name:
+        base = get_preset(name)
+    elif variant is not None:
+        base = preset_for(variant)
+    else:
+        base = replace(PRESETS["efficientnetv2_s"], name=model_name)
+    overrides = {  # the config's "keep the preset's" sentinels: sizes 0, regularizers < 0
+        "min_size": s.min_size if s.min_size > 0 else None,
+        "max_size": s.max_size if s.max_size > 0 else None,
+        "min_randaug": s.min_randaug if s.min_randaug >= 0 else None,
+        "max_randaug": s.max_randaug if s.max_randaug >= 0 else None,
+        "min_mixup": s.min_mixup if s.min_mixup >= 0 else None,
+        "max_mixup": s.max_mixup if s.max_mixup >= 0 else None,
+        "min_dropout": s.min_dropout if s.min_dropout >= 0 else None,
+        "max_dropout": s.max_dropout if s.max_dropout >= 0 else None,
+    }
+    if overrides["max_size"] is not None and overrides["min_size"] is None:
+        overrides["min_size"] = min(base.min_size, overrides["max_size"])  # a lower max caps the preset's min
+    try:
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigError(f"schedule: {exc}") from None
 
 
 def get_preset(name: str) -> Preset:
@@ -84,6 +121,11 @@ class StageValues:
     randaug_magnitude: float
     mixup_alpha: float
     dropout: float
+
+    def loader_params(self, *, randaug_ops: int, label_smoothing: float) -> StageParams:
+        """The loader's share, what `loader.set_stage` receives (the one converter; dropout goes to the model)."""
+        return StageParams(image_size=self.image_size, randaug_magnitude=self.randaug_magnitude,
+                           mixup_alpha=self.mixup_alpha, randaug_ops=randaug_ops, label_smoothing=label_smoothing)
 
 
 def _lerp(lo: float, hi: float, r: float) -> float:
@@ -140,21 +182,6 @@ def stage_values(stage: int, n_stages: int, preset: Preset, schedule: str = "pap
         mixup_alpha=_lerp(p.min_mixup, p.max_mixup, reg_r),
         dropout=dropout,
     )
-
-
-def stage_params(stage: int, n_stages: int, preset: Preset, schedule: str = "paper", *,
-                 adaptive: bool = True, seed: int = 0, label_smoothing: float = 0.0,
-                 randaug_ops: int = 2) -> StageParams:
-    """The loader's share of `stage_values`: what `loader.set_stage` receives at the start of the stage."""
-    v = stage_values(stage, n_stages, preset, schedule, adaptive=adaptive, seed=seed)
-    return StageParams(image_size=v.image_size, randaug_magnitude=v.randaug_magnitude, mixup_alpha=v.mixup_alpha,
-                       randaug_ops=randaug_ops, label_smoothing=label_smoothing)
-
-
-def stage_dropout(stage: int, n_stages: int, preset: Preset, schedule: str = "paper", *,
-                  adaptive: bool = True, seed: int = 0) -> float:
-    """The model's share of `stage_values`: what `model.set_dropout` receives."""
-    return stage_values(stage, n_stages, preset, schedule, adaptive=adaptive, seed=seed).dropout
 
 
 # --- The plan: stages laid out over epochs and steps -----------------------------------

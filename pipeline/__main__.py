@@ -1,4 +1,4 @@
-"""`python -m pipeline` is the same as the `pipeline` console script."""
+"""`python -m stagewise.pipeline` is the same as the `pipeline` console script."""
 import sys
 
 from stagewise.pipeline.cli import main

@@ -213,13 +213,16 @@ def test_holdout_is_class_balanced_and_disjoint(tmp_path):
 def test_another_split_keeps_the_others_and_reuses_class_order(tmp_path):
     write_solid_tree(tmp_path / "train", num_classes=3, per_class=4)
     write_solid_tree(tmp_path / "val", num_classes=3, per_class=2)
-    (tmp_path / "val" / "class_0").rename(tmp_path / "val" / "zz_unused")  # would sort last
-    (tmp_path / "val" / "zz_unused").rename(tmp_path / "val" / "class_0")
-    build_shards(str(tmp_path / "train"), str(tmp_path / "out"), split="train")
-    build_shards(str(tmp_path / "val"), str(tmp_path / "out"), split="val")
+    order = ("class_2", "class_0", "class_1")  # not the sorted order a recomputed list would have
+    (tmp_path / "classes.txt").write_text("\n".join(order) + "\n")
+    build_shards(str(tmp_path / "train"), str(tmp_path / "out"), split="train",
+                 classes_file=str(tmp_path / "classes.txt"))
+    build_shards(str(tmp_path / "val"), str(tmp_path / "out"), split="val")  # no class list: reuse train's
     manifest = read_manifest(str(tmp_path / "out"))
     assert sorted(manifest.splits) == ["train", "val"]
-    assert manifest.split("val").classes == manifest.split("train").classes
+    assert manifest.split("train").classes == manifest.split("val").classes == order
+    assert {(s.label, s.class_name) for s in _all_samples(str(tmp_path / "out"), "val")} == {
+        (0, "class_2"), (1, "class_0"), (2, "class_1")}
     (tmp_path / "val" / "new_class").mkdir()
     with pytest.raises(ValueError, match="new_class"):
         build_shards(str(tmp_path / "val"), str(tmp_path / "out"), split="val")
@@ -320,7 +323,7 @@ def test_version_names_the_active_pillow(capsys):
 
 def test_kill_and_resume_gives_identical_bytes(tmp_path):
     write_photo_tree(tmp_path / "src", num_classes=4, per_class=30)
-    cmd = [sys.executable, "-m", "pipeline", "build-shards", str(tmp_path / "src"), "{dest}", "--workers", "1",
+    cmd = [sys.executable, "-m", "stagewise.pipeline", "build-shards", str(tmp_path / "src"), "{dest}", "--workers", "1",
            "--samples-per-shard", "4", "--max-side", "96", "--seed", "5", "--no-progress"]
     run = lambda dest: [c.replace("{dest}", str(dest)) for c in cmd]  # noqa: E731
     subprocess.run(run(tmp_path / "whole"), check=True, capture_output=True, cwd=REPO)

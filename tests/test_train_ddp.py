@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node 2 -m train` on CPU (gloo): both ranks end with identical weights, rank 0 alone writes.
+"""`torchrun --nproc-per-node 2 -m stagewise.train` on CPU (gloo): both ranks end with identical weights, rank 0 alone writes.
 
 Each rank fingerprints its own model and EMA (sha256 of every tensor) at the
 end; the fingerprints are gathered and logged by rank 0. The test checks that
@@ -32,7 +32,7 @@ def test_torchrun_two_gloo_processes_agree(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "train", "--data", shards, "--run-dir", str(run_dir), "--model", "efficientnetv2_b0",
+           "-m", "stagewise.train", "--data", shards, "--run-dir", str(run_dir), "--model", "efficientnetv2_b0",
            "--run.device=cpu", "--run.progress=false", "--run.tensorboard=false", "--run.plots=false",
            "--run.log_every=1", "--run.ckpt_every=3", "--optim.batch_per_rank=4", "--optim.warmup_epochs=0",
            "--schedule.epochs=2", "--schedule.stages=2", "--schedule.min_size=32", "--schedule.max_size=40",

@@ -7,10 +7,13 @@ diverging loss stops the run and keeps the last good checkpoint.
 """
 from __future__ import annotations
 
+import functools
+import http.server
 import io
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,9 +28,10 @@ from tests.conftest import write_solid_tree
 from stagewise.train import checkpoint, config, data
 from stagewise.train.distributed import Dist
 from stagewise.train.cli import main
-from stagewise.train.loop import TrainingDiverged, train
+from stagewise.train.loop import TrainingDiverged, save_checkpoint, setup, train
 from stagewise.train.losses import loss_fn
 from stagewise.train.schedule import StagePlan, StageValues
+from stagewise.train.telemetry import Telemetry
 
 
 # A run small enough for CI: tiny images, few steps, no progress bar. One torch thread: the loader's DALI
@@ -186,6 +190,80 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pat
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     with pytest.raises(TrainingDiverged):
         train(config.parse(args + ["--run-dir", str(tmp_path / "again")]), print_config=False)
+
+
+def test_the_checkpoint_guard_refuses_non_finite_weights_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    cfg = config.parse(TINY + ["--data", shards, "--run-dir", str(tmp_path), "--schedule.epochs=1",
+                               "--schedule.stages=1", "--schedule.max_size=32"])
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    run = setup(cfg, d, Telemetry(str(tmp_path), enabled=True, tensorboard=False, progress=False), print_config=False)
+    save_checkpoint(run, stage_end=None)
+    good = (tmp_path / "last.pt").read_bytes()
+    with torch.no_grad():
+        next(run.model.parameters())[0].fill_(float("nan"))  # the loss check has not seen this step
+    run.step = 7
+    with pytest.raises(TrainingDiverged, match=f"weights are not finite at step 7; not checkpointing. Last good "
+                                               f"checkpoint: {tmp_path / 'last.pt'}"):
+        save_checkpoint(run, stage_end=1)
+    assert (tmp_path / "last.pt").read_bytes() == good and not (tmp_path / "stage-1.pt").exists()
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(shards, tmp_path, capsys):
+    args = TINY + ["--data", shards, "--run-dir", str(tmp_path), "--schedule.epochs=2", "--schedule.stages=1",
+                   "--schedule.max_size=32", "--run.eval=none", "--resume"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"resume: no checkpoint at {tmp_path / 'last.pt'}; starting from the beginning" in out
+    assert [r["step"] for r in records(tmp_path, "train")] == list(range(1, 9))  # 2 epochs x 32 / 8, from step 1
+
+
+def test_eval_points_give_a_time_to_accuracy_curve(shards, tmp_path):
+    cfg = config.parse(TINY + ["--data", shards, "--run-dir", str(tmp_path), "--schedule.epochs=2",
+                               "--schedule.stages=2", "--schedule.min_size=32", "--schedule.max_size=40",
+                               "--run.eval_points=3"])
+    evals = train(cfg, print_config=False)["evals"]
+    # 8 steps: points at 3, 6 and 8; stage ends at 4 and 8 (8 is both, evaluated once)
+    assert [e["step"] for e in evals] == [3, 4, 6, 8]
+    assert [e["stage"] for e in evals] == [1, 1, 2, 2] and {e["eval_size"] for e in evals} == {32}
+    assert [e["images_seen"] for e in evals] == [24, 32, 48, 64]
+    seconds = [e["train_seconds"] for e in evals]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert [r["step"] for r in records(tmp_path, "eval")] == [3, 4, 6, 8]
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves files; logs nothing (its access log would print the URLs under test itself)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_credentials_in_a_url_never_reach_the_printout_the_config_file_or_the_checkpoint(shards, tmp_path, capsys):
+    source = tmp_path / "source"  # a checkpoint to fine-tune from, served over HTTP behind a presigned URL
+    assert main(TINY + ["--data", shards, "--run-dir", str(source), "--schedule.epochs=1", "--schedule.stages=1",
+                        "--schedule.max_size=32", "--run.eval=none"]) == 0
+    handler = functools.partial(_QuietFiles, directory=str(source))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "SIGSECRET4242"
+    url = f"http://127.0.0.1:{server.server_address[1]}/last.pt?X-Amz-Credential=AKIAFAKE&X-Amz-Signature={secret}"
+    run_dir = tmp_path / "run"
+    try:
+        capsys.readouterr()
+        assert main(TINY + ["--data", shards, "--run-dir", str(run_dir), "--recipe", "imagenet1k", "--finetune-from",
+                            url, "--schedule.epochs=1", "--schedule.stages=1", "--schedule.max_size=32",
+                            "--run.eval=none"]) == 0
+    finally:
+        server.shutdown()
+    printed = capsys.readouterr()
+    assert "fine-tuning from http://127.0.0.1" in printed.out  # the URL was used and printed...
+    assert "X-Amz-Signature=***" in printed.out  # ...with its signature hidden
+    saved = (run_dir / "config.yaml").read_text()
+    in_checkpoint = json.dumps(checkpoint.load(str(run_dir / "last.pt"))["config"])
+    for where, text in (("stdout", printed.out), ("stderr", printed.err), ("config.yaml", saved),
+                        ("last.pt", in_checkpoint), ("log.jsonl", (run_dir / "log.jsonl").read_text())):
+        assert secret not in text, f"the signature leaked into {where}"
+    assert "X-Amz-Signature=***" in saved and "X-Amz-Signature=***" in in_checkpoint
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_topk_ignores_padding():
     assert (top1.item(), top2.item(), n.item()) == (2, 3, 3)
 
 
-def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
+def test_checkpoint_roundtrip_restores_weights_rng_and_config(tmp_path):
     url = str(tmp_path / "ck" / "last.pt")
     net = nn.Linear(3, 2)
     random.seed(1)
@@ -146,6 +146,49 @@ def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt is not a readable checkpoint"):
         checkpoint.load(str(tmp_path / "junk.pt"))
+
+
+_UNPICKLED: list[str] = []
+
+
+def _record(what: str) -> str:
+    _UNPICKLED.append(what)
+    return what
+
+
+class _Payload:
+    """An object whose unpickling runs code (here, harmlessly, `_record`)."""
+
+    def __reduce__(self):
+        return (_record, ("code ran",))
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    url = str(tmp_path / "last.pt")
+    checkpoint.save(url, {"model": {"w": torch.ones(3)}, "step": 5}, "a: 1\n")
+    before = (tmp_path / "last.pt").read_bytes()
+
+    def dies_midway(obj, f, *args, **kwargs):  # a process killed or a disk filled mid-write
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(url, {"model": {"w": torch.zeros(3)}, "step": 6}, "a: 2\n")
+    assert (tmp_path / "last.pt").read_bytes() == before and checkpoint.load(url)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "last.pt"]  # no temporary left behind
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"  # written after the checkpoint, so not reached
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    url = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": _Payload()}, url)  # plain pickle, as any tool could write
+    _UNPICKLED.clear()
+    with pytest.raises(ValueError, match="evil.pt is not a readable checkpoint"):
+        checkpoint.load(str(url))
+    assert _UNPICKLED == []  # refused before anything in it ran
+    torch.load(url, weights_only=False)  # the same file, unpickled unsafely, does run it: the test can tell
+    assert _UNPICKLED == ["code ran"]
 
 
 def test_checkpoint_on_s3(s3_bucket):

@@ -1,6 +1,6 @@
 """One process or many: process-group setup from torchrun's environment, reductions, and a replica check.
 
-`torchrun --nproc-per-node N -m train ...` sets RANK / WORLD_SIZE / LOCAL_RANK
+`torchrun --nproc-per-node N -m stagewise.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK
 (and MASTER_ADDR/PORT, or a rendezvous for multi-node); without them the
 trainer runs as a single process. NCCL on GPU, gloo on CPU. Only rank 0
 writes files and prints; metrics are summed or averaged over all ranks.

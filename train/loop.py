@@ -141,7 +141,7 @@ def setup(cfg: Config, d: distributed.Dist, tel: Telemetry, print_config: bool) 
     model = models.build_model(cfg.model.name, split.num_classes, drop_path_rate=cfg.model.drop_path_rate,
                                tf_same_padding=cfg.model.tf_same_padding)
     if cfg.run.finetune_from:
-        tel.print(models.load_for_finetune(model, cfg.run.finetune_from))
+        tel.print(config.redact_text(models.load_for_finetune(model, cfg.run.finetune_from)))
     if cfg.model.zero_head:
         models.zero_head(model)
     if cfg.model.bn_momentum > 0:
@@ -178,7 +178,7 @@ def setup(cfg: Config, d: distributed.Dist, tel: Telemetry, print_config: bool) 
     if cfg.run.resume and url_exists(run.latest):
         _resume(run)
     elif cfg.run.resume:
-        tel.print(f"resume: no checkpoint at {run.latest}; starting from the beginning")
+        tel.print(f"resume: no checkpoint at {config.redact_text(run.latest)}; starting from the beginning")
     return run
 
 
@@ -375,7 +375,8 @@ def _resume(run: Run) -> None:
     run.evals = list(ck.get("evals", []))
     if len(ck["rng"]) == run.d.world_size:
         checkpoint.set_rng_state(ck["rng"][run.d.rank])
-    run.tel.print(f"resumed from {run.latest}: step {run.step}, epoch {run.epoch}, batch {run.batch_in_epoch}")
+    run.tel.print(f"resumed from {config.redact_text(run.latest)}: step {run.step}, epoch {run.epoch}, "
+                  f"batch {run.batch_in_epoch}")
 
 
 def _evaluates_at_end(run: Run, sp: StagePlan) -> bool:

@@ -1,12 +1,25 @@
 """`pipeline bench-loader`: this loader against webdataset + Pillow + torchvision.transforms.v2.
 
 Both sides read the same shards in the same run, at the same sizes, with
-RandomResizedCrop + flip + RandAugment(2, m) + normalize. The baseline is a torch
-DataLoader with as many worker processes as the loader has CPU threads. Rounds
-alternate (ours, baseline, ours, ...); the table gives each side's median round and
-the median of the per-round ratios, so load from other processes, which drifts,
-hits both sides of a ratio alike. Throughput is images per second of batches
-handed to the caller.
+RandomResizedCrop + flip + RandAugment(2, m) (+ mixup with --mixup-alpha) + normalize.
+The baseline is a torch DataLoader with as many worker processes as the loader has
+CPU threads. Rounds alternate (ours, baseline, ours, ...); the table gives each side's
+median round with the range over rounds, and the median of the per-round ratios, so
+load from other processes, which drifts, hits both sides of a ratio alike. Throughput
+is images per second of batches handed to the caller.
+
+Per batch, for our side (medians over rounds; the loader's own accounting, `Loader.stats`):
+- assemble / draw / feed: CPU ms of the consuming thread taking the samples, drawing the
+  random parameters, and feeding DALI (feed_input, schedule_run);
+- hand-over: its CPU ms in `outputs()`, the DLPack hand-over and the targets;
+- other: the rest of the consuming thread's CPU (the runner's bookkeeping, and opening each
+  epoch: its plan and shard stream, which this benchmark's small datasets do every few batches);
+- consumer: all of the consuming thread's CPU per batch, and the ceiling it implies,
+  batch / consumer in img/s;
+- wait: wall ms inside `outputs()` (DALI still working);
+- DALI CPU: CPU ms of every other thread of the process (DALI's workers), i.e. the
+  process's CPU time less the consuming thread's and the shard readers';
+- ops: operators in the loader's DALI graph (`graph.count_ops`), and in the GPU graph.
 
 Caveat: `--magnitude m` is the reference (TF) scale for us and a bin out of 31 for
 torchvision's RandAugment; the ops' cost hardly depends on the magnitude.
@@ -14,7 +27,9 @@ torchvision's RandAugment; the ops' cost hardly depends on the magnitude.
 Extra sections: `--readers` times DALI's own `fn.readers.webdataset` (with .idx)
 against our fsspec streamer with the same image ops (RandAugment off); `--mixup`
 times mixing one batch in torch on the output tensor against the loader's DALI
-mix stage (the measurement behind loaders/mixup.py's choice).
+mix stage (the measurement behind loaders/mixup.py's choice); `--parity` prints the
+eval path's difference from torchvision's Resize + CenterCrop + Normalize
+(benchmarks/parity.py) at each size.
 """
 from __future__ import annotations
 
@@ -28,6 +43,7 @@ import numpy as np
 import torch
 
 WORKER_START_S = 120  # the baseline's first batch includes spawning workers
+COLUMNS = ("assemble", "draw", "feed", "handover", "other", "consumer", "wait", "dali_cpu")  # ms per batch, ours
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,41 +54,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per round and side")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--magnitude", type=float, default=10.0, help="RandAugment magnitude (both sides)")
+    parser.add_argument("--mixup-alpha", type=float, default=0.0,
+                        help="mixup on both sides (ours in the stage, the baseline's v2.MixUp in its workers)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for us = baseline workers (default: all)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per side and size")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches after each size change")
     parser.add_argument("--readers", action="store_true", help="also time DALI's webdataset reader vs our streamer")
     parser.add_argument("--mixup", action="store_true", help="also time mixup in torch vs in DALI")
-    parser.add_argument("--json", action="store_true", help='print [{"size", "ours_img_s", "baseline_img_s", "ratio"}]')
+    parser.add_argument("--parity", action="store_true", help="also print the eval path's difference from torchvision")
+    parser.add_argument("--json", action="store_true",
+                        help='print one JSON list of rows: size, img/s, ratio, ranges and the per-batch columns')
+    parser.add_argument("--json-out", default=None, help="also write those rows to this file (the table is printed)")
+    parser.add_argument("--no-baseline", action="store_true", help="time our side only (engine option comparisons)")
+    parser.add_argument("--concurrency", choices=["none", "backend", "full"], default=None,
+                        help="DALI operator concurrency (EngineSpec.concurrency; default DALI's)")
+    parser.add_argument("--stream-policy", choices=["single", "per_backend", "per_operator"], default=None,
+                        help="DALI stream policy (EngineSpec.stream_policy; default DALI's)")
+    parser.add_argument("--hw-decoder-load", type=float, default=None, help="GPU: EngineSpec.hw_decoder_load")
+    parser.add_argument("--branchless", choices=["auto", "on", "off"], default="auto",
+                        help="RandAugment without conditionals (EngineSpec.branchless; auto: on GPU only)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from stagewise.loaders import Loader, StageParams
+    from stagewise.loaders import EngineSpec, Loader, StageParams
+    from stagewise.loaders.graph import Layout, graph_op_count
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     threads = args.threads or len(os.sched_getaffinity(0))
-    stage = StageParams(image_size=sizes[0], randaug_magnitude=args.magnitude, mixup_alpha=0.0)
-    loader = Loader(args.url, split=args.split, batch_size=args.batch_size, stage=stage, device=args.device,
-                    num_threads=threads)
+    load_start = os.getloadavg()
+
+    def stage_at(size: int) -> StageParams:
+        return StageParams(image_size=size, randaug_magnitude=args.magnitude, mixup_alpha=args.mixup_alpha)
+
+    engine = EngineSpec(concurrency=args.concurrency, stream_policy=args.stream_policy,
+                        branchless={"auto": None, "on": True, "off": False}[args.branchless],
+                        **({} if args.hw_decoder_load is None else {"hw_decoder_load": args.hw_decoder_load}))
+    loader = Loader(args.url, split=args.split, batch_size=args.batch_size, stage=stage_at(sizes[0]),
+                    device=args.device, num_threads=threads, engine=engine)
+    ops = sum(graph_op_count(loader.augment, loader.layout).values())
+    gpu_layout = Layout(train=True, gpu=True, branchless=True, roi_decode=False, compact=True)
+    gpu_ops = sum(graph_op_count(loader.augment, gpu_layout).values())
     ours_stream = _cycle(loader)
     rows = []
     for size in sizes:
-        stage = StageParams(image_size=size, randaug_magnitude=args.magnitude, mixup_alpha=0.0)
-        loader.set_stage(stage)  # the same built pipeline serves every size
-        baseline = _baseline_loader(loader.view.shard_urls, size, args.magnitude, args.batch_size, threads,
-                                    args.warmup + args.batches)
-        ours, base = [], []
+        loader.set_stage(stage_at(size))  # the same built pipeline serves every size
+        baseline = None if args.no_baseline else _baseline_loader(
+            loader.view.shard_urls, size, args.magnitude, args.batch_size, threads, args.warmup + args.batches,
+            args.mixup_alpha, loader.num_classes)
+        ours, base, parts = [], [], []
         for _ in range(args.rounds):
-            ours.append(_rate(ours_stream, args.batches, args.warmup, args.batch_size, args.device))
+            rate, part = _our_round(loader, ours_stream, args)
+            ours.append(rate)
+            parts.append(part)
+            if baseline is None:
+                base.append(float("nan"))
+                continue
             # Fresh workers per round: persistent ones would keep refilling their prefetch
             # queue during our rounds. Their start-up falls in the untimed warm-up.
             base_stream = iter(baseline)
             base.append(_rate(base_stream, args.batches, args.warmup, args.batch_size, args.device))
             for _rest in base_stream:  # let the workers finish their share and exit
                 pass
-        ratio = float(np.median([o / b for o, b in zip(ours, base)]))
-        rows.append({"size": size, "ours_img_s": round(float(np.median(ours)), 1),
-                     "baseline_img_s": round(float(np.median(base)), 1), "ratio": round(ratio, 3)})
+        ratios = [o / b for o, b in zip(ours, base)]
+        row = {"size": size, "ours_img_s": round(float(np.median(ours)), 1),
+               "baseline_img_s": round(float(np.median(base)), 1), "ratio": round(float(np.median(ratios)), 3),
+               "ours_range": [round(min(ours), 1), round(max(ours), 1)],
+               "baseline_range": [round(min(base), 1), round(max(base), 1)],
+               "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+        for column in COLUMNS:
+            values = [p[column] for p in parts]
+            row[f"{column}_ms"] = round(float(np.median(values)), 3)
+            row[f"{column}_ms_range"] = [round(min(values), 3), round(max(values), 3)]
+        row["ceiling_img_s"] = round(args.batch_size / row["consumer_ms"] * 1e3, 1)
+        row["ops"], row["gpu_graph_ops"] = ops, gpu_ops
+        row["engine"] = {k: v for k, v in vars(engine).items() if v is not None}
+        rows.append(row)
     extra = []
     if args.readers and args.device == "cpu":
         extra.append(_reader_section(loader, sizes[0], args, threads))
@@ -81,27 +137,78 @@ def run(args: argparse.Namespace) -> int:
     if args.mixup:
         extra.append(_mixup_section(sizes, args.batch_size))
     loader.close()
+    if args.parity:
+        from stagewise.benchmarks.parity import compare, report
+
+        extra.append("\n".join(report(compare(args.url, args.split, size, 0.875, 128, device=args.device,
+                                                geometry=geometry))
+                               for size in sizes for geometry in ("torchvision", "window")))
+    load_end = os.getloadavg()
+    for row in rows:
+        row.update(load_average=[round(load_start[0], 2), round(load_end[0], 2)], device=args.device,
+                   batch=args.batch_size, threads=threads, magnitude=args.magnitude, mixup=args.mixup_alpha)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
     if args.json:
         print(json.dumps(rows))
         return 0
     print(f"loader vs webdataset+Pillow+torchvision.v2 | {args.url} ({args.split}) | device={args.device} "
-          f"threads={threads} batch={args.batch_size} magnitude={args.magnitude} "
-          f"rounds={args.rounds}x{args.batches} batches (medians; ratio = median of per-round ratios)")
-    print(f"{'size':>6} {'ours img/s':>12} {'baseline img/s':>15} {'ratio':>7}")
+          f"threads={threads} batch={args.batch_size} magnitude={args.magnitude} mixup={args.mixup_alpha} "
+          f"rounds={args.rounds}x{args.batches} batches (medians [ranges]; ratio = median of per-round ratios) | "
+          f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}")
+    print(f"{'size':>5} {'ours img/s':>20} {'baseline img/s':>20} {'ratio':>18}")
     for r in rows:
-        print(f"{r['size']:>6} {r['ours_img_s']:>12.1f} {r['baseline_img_s']:>15.1f} {r['ratio']:>6.2f}x")
+        print(f"{r['size']:>5} {_ranged(r['ours_img_s'], r['ours_range'], 1):>20} "
+              f"{_ranged(r['baseline_img_s'], r['baseline_range'], 1):>20} "
+              f"{_ranged(r['ratio'], r['ratio_range'], 2, 'x'):>18}")
+    print()
+    print(f"our side, ms per batch of {args.batch_size} (medians over rounds): consuming thread's CPU, "
+          f"wall time waiting in outputs(), CPU of DALI's threads; graph operators: "
+          f"{ops} here, {gpu_ops} in the GPU graph")
+    print(f"{'size':>5} {'assemble':>9} {'draw':>6} {'feed':>6} {'hand-over':>10} {'other':>6} {'consumer':>9} "
+          f"{'ceiling img/s':>14} {'wait':>8} {'DALI CPU':>9}")
+    for r in rows:
+        print(f"{r['size']:>5} {r['assemble_ms']:>9.2f} {r['draw_ms']:>6.2f} {r['feed_ms']:>6.2f} "
+              f"{r['handover_ms']:>10.2f} {r['other_ms']:>6.2f} {r['consumer_ms']:>9.2f} {r['ceiling_img_s']:>14.0f} "
+              f"{r['wait_ms']:>8.1f} {r['dali_cpu_ms']:>9.1f}")
     for section in extra:
         print()
         print(section)
     return 0
 
 
+def _ranged(value: float, span: list[float], digits: int, unit: str = "") -> str:
+    return f"{value:.{digits}f}{unit} [{span[0]:.{digits}f}-{span[1]:.{digits}f}]"
+
+
 def _cycle(loader):
-    epoch = 0
     while True:
-        loader.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        yield from loader  # each pass is the next epoch
+
+
+def _our_round(loader, stream, args) -> tuple[float, dict]:
+    """img/s of one timed round of ours, and its per-batch accounting (ms)."""
+    for _ in range(args.warmup):
+        next(stream)
+    stats = loader.stats
+    stats.reset()
+    process, reader = time.process_time(), loader.reader_cpu
+    start, thread = time.perf_counter(), time.thread_time()
+    images = 0
+    for _ in range(args.batches):
+        x, _y = next(stream)
+        images += x.shape[0]
+    consumer = time.thread_time() - thread
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    n = args.batches
+    parts = stats.assemble + stats.draw + stats.feed + stats.handover
+    dali = (time.process_time() - process) - consumer - (loader.reader_cpu - reader)
+    part = {"assemble": stats.assemble, "draw": stats.draw, "feed": stats.feed, "handover": stats.handover,
+            "other": max(consumer - parts, 0.0), "consumer": consumer, "wait": stats.wait, "dali_cpu": max(dali, 0.0)}
+    return images / elapsed, {k: v / n * 1e3 for k, v in part.items()}
 
 
 def _rate(stream, batches: int, warmup: int, batch_size: int, device: str = "cpu") -> float:
@@ -174,13 +281,28 @@ class _BaselineShards(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"baseline worker {worker}/{workers} got no samples from {len(self.urls)} shard(s)")
 
 
-def _baseline_loader(urls: list[str], size: int, magnitude: float, batch_size: int, workers: int, batches: int):
+class _MixupCollate:
+    """The baseline's mixup: torchvision's v2.MixUp on each collated batch, in the worker (picklable for spawn)."""
+
+    def __init__(self, alpha: float, num_classes: int) -> None:
+        self.alpha, self.num_classes = alpha, num_classes
+
+    def __call__(self, batch):
+        from torchvision.transforms import v2
+
+        images, labels = torch.utils.data.default_collate(batch)
+        return v2.MixUp(alpha=self.alpha, num_classes=self.num_classes)(images, labels)
+
+
+def _baseline_loader(urls: list[str], size: int, magnitude: float, batch_size: int, workers: int, batches: int,
+                     mixup_alpha: float = 0.0, num_classes: int = 0):
     """Enough for `batches` batches (each worker fills whole batches of its own)."""
     per_worker = (batches // workers + 1) * batch_size
+    collate = _MixupCollate(mixup_alpha, num_classes) if mixup_alpha > 0 else None
     # spawn, not fork: the parent already runs DALI threads, and forking a threaded process can deadlock
     return torch.utils.data.DataLoader(
         _BaselineShards(urls, size, magnitude, per_worker), batch_size=batch_size, num_workers=workers,
-        multiprocessing_context="spawn", prefetch_factor=2, timeout=WORKER_START_S,
+        multiprocessing_context="spawn", prefetch_factor=2, timeout=WORKER_START_S, collate_fn=collate,
     )
 
 

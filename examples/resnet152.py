@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     model = torchvision.models.resnet152(weights=None, num_classes=loader.num_classes).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
-    step, epoch = 0, 0
+    step = 0
     while step < args.steps:
-        loader.set_epoch(epoch)
-        for images, targets in loader:
+        epoch = loader.epoch
+        for images, targets in loader:  # like a DataLoader: each pass is the next epoch, no set_epoch needed
             loss = F.cross_entropy(model(images), targets)  # int64 labels or soft rows, both accepted
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
             step += 1
             if step == args.steps:
                 break
-        epoch += 1
     loader.close()
     return 0
 

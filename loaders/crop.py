@@ -66,3 +66,33 @@ def center_crop(sizes: np.ndarray, image_size: int, crop_pct: float) -> np.ndarr
     y = np.round((heights - ch) / 2)
     x = np.round((widths - cw) / 2)
     return np.stack([y, x, ch, cw], axis=1).astype(np.float32)
+
+
+def center_region(sizes: np.ndarray, image_size: int, crop_pct: float) -> np.ndarray:
+    """[N, 4] float64 (y0, x0, y1, x1) in source pixels: exactly the region torchvision's eval transform keeps.
+
+    `Resize(floor(S / crop_pct))` scales the shorter side to R = floor(S / crop_pct) and the longer
+    to int(R * long / short) (torchvision's rounding), then `CenterCrop(S)` starts at
+    int(round((resized - S) / 2)) (Python's round); mapped back to the source, that is a region
+    with fractional corners, which the resize takes as its ROI (same pixel-centre convention).
+    """
+    resized_short = math.floor(image_size / crop_pct)
+    out = np.empty((len(sizes), 4), np.float64)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        short, long = (h, w) if h <= w else (w, h)
+        long_r = int(resized_short * long / short)
+        hr, wr = (resized_short, long_r) if h <= w else (long_r, resized_short)
+        top, left = int(round((hr - image_size) / 2.0)), int(round((wr - image_size) / 2.0))
+        sy, sx = h / hr, w / wr
+        out[i] = (top * sy, left * sx, (top + image_size) * sy, (left + image_size) * sx)
+    return out
+
+
+def with_margin(region: np.ndarray, sizes: np.ndarray, image_size: int) -> np.ndarray:
+    """[N, 4] float32 (y, x, h, w): whole source pixels covering `region` plus the linear antialias filter's
+    reach (one output pixel's source extent + 1 px per side), clipped to the image: what to decode so
+    that the filter sees the same neighbours as a resize of the whole image."""
+    reach = np.maximum((region[:, 2:4] - region[:, 0:2]) / image_size, 1.0) + 1.0  # (y, x) source px
+    lo = np.maximum(np.floor(region[:, 0:2] - reach), 0)
+    hi = np.minimum(np.ceil(region[:, 2:4] + reach), sizes[:, 0:2])
+    return np.concatenate([lo, hi - lo], axis=1).astype(np.float32)

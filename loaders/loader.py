@@ -1,11 +1,9 @@
 """`Loader`: batches of (images, targets) from a shard split, with stages pushed at run time.
 
-    loader = Loader("s3://bucket/imagenet", split="train", batch_size=64,
-                    stage=StageParams(image_size=128, randaug_magnitude=5, mixup_alpha=0),
-                    device="cpu")
+    loader = Loader("s3://bucket/imagenet", split="train", batch_size=64, device="cpu",
+                    stage=StageParams(image_size=128, randaug_magnitude=5, mixup_alpha=0))
     for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for images, targets in loader:
+        for images, targets in loader:            # epoch 0, then 1, ...: each pass is the next epoch
             ...
         loader.set_stage(StageParams(image_size=192, randaug_magnitude=10, mixup_alpha=0.1))
 
@@ -13,25 +11,28 @@ The DALI pipeline is built once, in the constructor. `set_stage` takes effect
 from the very next batch pulled (batches already in flight are fed again).
 `state_dict()` is the position of the next batch; `load_state_dict` resumes there
 with the same batches an uninterrupted run yields (bit-identical in CPU mode).
-While a training epoch ends, the next one is already being read and processed.
+The Loader owns its epochs: it plans each one, opens its shard stream and hands it
+to the runner; while a training epoch ends, the next one is already being read and
+processed. `set_epoch(e)` is there for exact control (and DDP's shared epoch number).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+import threading
+import time
+from dataclasses import asdict, replace
 
 import torch
 
-from stagewise.shards import open_split
-from stagewise.loaders.mixup import mix_targets, soft_targets
+from stagewise.loaders.feed import dali_view
+from stagewise.loaders.graph import Layout, layout_for
+from stagewise.loaders.mixup import mixed_targets
 from stagewise.loaders.params import StageParams
-from stagewise.loaders.graph import GraphSpec
-from stagewise.loaders.plan import plan_epoch
-from stagewise.loaders.randaugment import RandAugmentConfig
-from stagewise.loaders.shard_stream import LoaderError, SampleReader
-from stagewise.loaders.runner import Epoch, Runner
-
-ON_ERROR = ("raise", "skip")
+from stagewise.loaders.plan import epoch_length, plan_epoch
+from stagewise.loaders.runner import Epoch, Runner, Stats
+from stagewise.loaders.shard_stream import LoaderError, ShardStream
+from stagewise.loaders.spec import AugmentSpec, EngineSpec, ReadSpec
+from stagewise.shards import open_split
 
 
 class Loader:
@@ -47,72 +48,67 @@ class Loader:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        num_threads: int | None = None,
-        crop_pct: float = 1.0,
-        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
-        on_error: str = "raise",
-        channels_last: bool = False,
-        scale: tuple[float, float] = (0.08, 1.0),  # RandomResizedCrop area range; the reference uses (0.05, 1)
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip_prob: float = 0.5,  # train: chance that a sample is mirrored left-right; 0 for digits, text
-        randaug_layers: int | None = None,  # RandAugment layers built; default: the first stage's randaug_ops
-        randaug_clamp: float | None = None,  # None: reference TF scale (no clamp); 10: timm's clamp
-        shuffle_buffer: int = 1024,  # samples
-        pipelines: int | None = None,  # DALI pipelines; default: one per CPU thread in CPU mode, 1 on GPU
-        prefetch: int | None = None,  # batches in flight per pipeline; default 1 on CPU, 2 on GPU
-        reader_threads: int = 2,
-        retries: int = 3,  # per read, for transient errors
-        backoff: float = 0.5,  # seconds before the first retry, doubling
-        timeout: float = 300.0,  # seconds without reader progress before giving up
+        num_threads: int | None = None,  # DALI CPU threads in all; default: every core this process may use
+        augment: AugmentSpec | None = None,
+        reading: ReadSpec | None = None,
+        engine: EngineSpec | None = None,
     ) -> None:
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: must be >= 1")
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"crop_pct={crop_pct}: must be in (0, 1]")
-        if not (0 < scale[0] <= scale[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"scale={scale} / ratio={ratio}: need 0 < lo <= hi (scale hi <= 1)")
-        if isinstance(hflip_prob, bool) or not isinstance(hflip_prob, (int, float)) or not 0 <= hflip_prob <= 1:
-            raise ValueError(f"hflip_prob={hflip_prob!r}: must be a number in [0, 1]")
+        augment, self.reading, self.engine = augment or AugmentSpec(), reading or ReadSpec(), engine or EngineSpec()
+        for name, value, cls in (("augment", augment, AugmentSpec), ("reading", self.reading, ReadSpec),
+                                 ("engine", self.engine, EngineSpec), ("stage", stage, StageParams)):
+            if not isinstance(value, cls):
+                raise TypeError(f"{name}={value!r}: expected a {cls.__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an int >= 1")
+        if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int)
+                                        or num_threads < 1):
+            raise ValueError(f"num_threads={num_threads!r}: must be an int >= 1 or None")
         gpu, device_id = _parse_device(device)
         self.device = torch.device("cuda", device_id) if gpu else torch.device("cpu")
         self.rank, self.world_size = _distributed(rank, world_size)
         self.view = open_split(url, split)
         self.url, self.split, self.batch_size, self.train, self.seed = url, split, batch_size, train, seed
-        self.hflip_prob = float(hflip_prob)
-        self.shuffle_buffer = shuffle_buffer if train else 0
         self.num_threads = num_threads or len(os.sched_getaffinity(0))
         self._sizes = [s.num_samples for s in self.view.info.shards]
-        self._reader_args = dict(threads=reader_threads, retries=retries, backoff=backoff, timeout=timeout)
-        layers = stage.randaug_ops if randaug_layers is None else randaug_layers
-        spec = GraphSpec(
-            train=train, gpu=gpu, layers=layers if train else 0, randaug=RandAugmentConfig(clamp=randaug_clamp),
-            mean=tuple(mean), std=tuple(std), channels_last=channels_last,
-        )
-        pipes = pipelines or (1 if gpu else self.num_threads)
+        layers = stage.randaug_ops if augment.randaug_layers is None else augment.randaug_layers
+        self.augment = replace(augment, randaug_layers=layers if train else 0)  # resolved: the graph is built from it
+        self.layout: Layout = layout_for(train=train, gpu=gpu, engine=self.engine)
+        self._len = epoch_length(self._sizes, train=train, world_size=self.world_size, batch_size=batch_size)
+        pipes = self.engine.pipelines or (1 if gpu else self.num_threads)
         self._runner = Runner(
-            spec, batch_size=batch_size, pipelines=pipes, threads_per_pipeline=max(1, self.num_threads // pipes),
-            device_id=device_id, depth=prefetch or (2 if gpu else 1), seed=seed, scale=scale, ratio=ratio,
-            hflip_prob=self.hflip_prob, crop_pct=crop_pct, on_error=on_error, stage=stage,
-            open_epoch=self._open_epoch,
+            self.augment, self.layout, self.engine, batch_size=batch_size, pipelines=pipes,
+            threads_per_pipeline=max(1, self.num_threads // pipes), device_id=device_id,
+            depth=self.engine.prefetch or (2 if gpu else 1), seed=seed, on_error=self.reading.on_error, stage=stage,
         )
         self._runner.set_stage(stage)
         self.stage = stage
-        self._epoch: int | None = None
+        self._epoch: int | None = None  # the epoch being iterated
         self._position = 0  # batches of the current epoch already yielded
         self._pending: tuple[int, int] | None = None  # from load_state_dict
-        self._len = plan_epoch(self._sizes, **self._plan_args(0)).num_batches
+        self._generation = 0  # bumped by each __iter__: an older iterator stops
+        self._next: _Opener | None = None  # training: the next epoch, opened in the background
 
     # ------------------------------------------------------------------ public API
     def __len__(self) -> int:
-        """Batches per epoch for this rank; the same on every rank."""
+        """Batches per epoch for this rank; the same on every rank (a function of the shard sizes only)."""
         return self._len
 
     @property
     def num_classes(self) -> int:
         return self.view.num_classes
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to."""
+        if self._pending is not None:
+            return self._pending[0]
+        if self._epoch is None:
+            return 0
+        return self._epoch + 1 if self.train and self._position >= len(self) else self._epoch
+
+    @property
+    def hflip_prob(self) -> float:
+        return self.augment.hflip_prob
 
     @property
     def skipped(self) -> int:
@@ -129,11 +125,28 @@ class Loader:
         """Transient read errors retried so far (S3 5xx, timeouts, dropped connections)."""
         return self._runner.retried
 
+    @property
+    def reader_cpu(self) -> float:
+        """CPU seconds the shard-reader threads have spent so far (bench-loader's accounting)."""
+        return self._runner.reader_cpu
+
+    @property
+    def stats(self) -> Stats:
+        """Consumer-thread time per part since the last `stats.reset()` (bench-loader)."""
+        return self._runner.stats
+
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at batch 0, or at the batch a preceding `load_state_dict` named for it."""
         start = self._pending[1] if self._pending and self._pending[0] == epoch else 0
         self._pending = None
-        self._start(epoch, start)
+        runner = self._runner
+        if runner.ahead is not None and runner.ahead.number == epoch and start == 0:
+            runner.promote()  # its first batches are in flight already
+        else:
+            runner.begin(self._take_next(epoch) if start == 0 else self._open_epoch(epoch, start))
+        self._epoch, self._position = epoch, start
+        self._generation += 1
+        self._prepare_next(epoch + 1)
 
     def set_stage(self, stage: StageParams) -> None:
         """Takes effect from the very next batch pulled (in-flight batches are fed again)."""
@@ -161,19 +174,23 @@ class Loader:
         self._pending = (int(state["epoch"]), batch)
 
     def __iter__(self):
+        """The rest of the current epoch; once it is over, the next epoch (train) or the same one again (eval).
+
+        So `for x, y in loader` works without `set_epoch`: epoch 0, then 1, ... A pass broken off
+        early continues where it stopped (state_dict() names that batch); `set_epoch(e)` starts e.
+        """
         if self._pending is not None:
             self.set_epoch(self._pending[0])
-        if self._epoch is None:
-            if self.train:
-                raise RuntimeError("call loader.set_epoch(epoch) before iterating a training loader")
+        elif self._epoch is None:
             self.set_epoch(0)
         elif self._position >= len(self):
-            if self.train:
-                raise RuntimeError(f"epoch {self._epoch} is over: call loader.set_epoch({self._epoch + 1})")
-            self.set_epoch(self._epoch)  # eval: every pass is the same
-        return self._batches()
+            self.set_epoch(self._epoch + 1 if self.train else self._epoch)
+        else:
+            self._generation += 1
+        return self._batches(self._generation)
 
     def close(self) -> None:
+        self._prepare_next(None)
         self._runner.close()
 
     def __enter__(self) -> "Loader":
@@ -183,47 +200,104 @@ class Loader:
         self.close()
 
     # ------------------------------------------------------------------ internals
-    def _plan_args(self, epoch: int) -> dict:
-        return dict(train=self.train, seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
-                    batch_size=self.batch_size, buffer=self.shuffle_buffer)
-
     def _open_epoch(self, epoch: int, batch: int) -> Epoch:
-        """The plan of `epoch` and a reader started at `batch` (called by the runner)."""
-        plan = plan_epoch(self._sizes, **self._plan_args(epoch))
-        reader = SampleReader(
+        """The plan of `epoch` and a shard stream started at `batch`."""
+        plan = plan_epoch(self._sizes, train=self.train, seed=self.seed, epoch=epoch, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.batch_size,
+                          buffer=self.reading.shuffle_buffer if self.train else 0)
+        r = self.reading
+        stream = ShardStream(
             self.view.shard_urls, self.view.index_urls, self._sizes, plan, start_position=batch * self.batch_size,
-            multi_label=self.view.info.multi_label, num_classes=self.num_classes,
-            buffer=self.shuffle_buffer, lookahead=8 * self.batch_size, **self._reader_args,
+            multi_label=self.view.info.multi_label, num_classes=self.num_classes, threads=r.threads,
+            retries=r.retries, backoff=r.backoff, timeout=r.timeout, buffer=r.shuffle_buffer if self.train else 0,
+            lookahead=8 * self.batch_size, max_pixels=r.max_pixels, wrap=dali_view,
         )
-        return Epoch(epoch, plan, reader, next_feed=batch)
+        return Epoch(epoch, plan, stream, next_feed=batch)
 
-    def _start(self, epoch: int, batch: int) -> None:
-        self._runner.begin_epoch(epoch, batch)  # reuses batches of `epoch` the runner opened early
-        self._epoch, self._position = epoch, batch
+    def _prepare_next(self, epoch: int | None) -> None:
+        """Training: open `epoch` (its plan and shard stream) in a thread while the current one runs.
 
-    def _batches(self):
-        while self._position < len(self):
-            images, flight = self._runner.pull()
-            stage = flight.stage
-            images = images if images.device == self.device else images.to(self.device)
-            if not self.train:
-                labels = torch.tensor([it.label for it in flight.items], dtype=torch.int64)
-                labels[torch.from_numpy(~flight.real)] = -1  # padding: not to be counted
-                targets = labels.to(self.device)
-            elif stage.soft_targets or self.view.info.multi_label:
-                targets = soft_targets([it.labels for it in flight.items], self.num_classes, stage.label_smoothing,
-                                       self.device)
-                targets = mix_targets(targets, flight.mix)  # the images were mixed in the pipeline
-            else:
-                targets = torch.tensor([it.label for it in flight.items], dtype=torch.int64, device=self.device)
+        Opening an epoch is pure Python over all its samples (the shuffle buffer's order, the read
+        runs): ~1-2 s for an ImageNet epoch, which would otherwise stall the consuming thread at
+        every epoch boundary. None: drop the one prepared.
+        """
+        old, self._next = self._next, None
+        if old is not None and (epoch is None or old.epoch != epoch):
+            old.discard()
+        elif old is not None:
+            self._next = old
+            return
+        if epoch is not None and self.train:
+            self._next = _Opener(epoch, self._open_epoch)
+
+    def _take_next(self, epoch: int) -> Epoch:
+        prepared, self._next = self._next, None
+        if prepared is not None and prepared.epoch == epoch:
+            return prepared.result()
+        if prepared is not None:
+            prepared.discard()
+        return self._open_epoch(epoch, 0)
+
+    def _batches(self, generation: int):
+        runner = self._runner
+        while True:
+            if generation != self._generation:
+                raise RuntimeError("this loader iterator was replaced by a newer iter(loader) or set_epoch()")
+            if self._position >= len(self):
+                return
+            images, flight = runner.pull()
+            if runner.wants_ahead:  # the next epoch's first batches keep the pipelines busy at the boundary
+                runner.set_ahead(self._take_next(flight.epoch.number + 1))
+            start = time.thread_time()
+            targets = self._targets(flight)
+            runner.stats.handover += time.thread_time() - start
             self._position += 1
             yield images, targets
+
+    def _targets(self, flight) -> torch.Tensor:
+        if not self.train:
+            labels = torch.tensor([it.label for it in flight.items], dtype=torch.int64)
+            labels[torch.from_numpy(~flight.real)] = -1  # padding: not to be counted
+            return labels.to(self.device)
+        if flight.stage.soft_targets or self.view.info.multi_label:
+            targets = mixed_targets([it.labels for it in flight.items], self.num_classes,
+                                    flight.stage.label_smoothing, flight.mix)  # the images were mixed in the pipeline
+            return torch.from_numpy(targets).to(self.device)
+        return torch.tensor([it.label for it in flight.items], dtype=torch.int64).to(self.device)
+
+
+class _Opener:
+    """One epoch opened in a background thread; `result()` waits for it and re-raises its error."""
+
+    def __init__(self, epoch: int, open_epoch) -> None:
+        self.epoch, self._epoch, self._error = epoch, None, None
+        self._thread = threading.Thread(target=self._run, args=(open_epoch,), name=f"open-epoch-{epoch}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, open_epoch) -> None:
+        try:
+            self._epoch = open_epoch(self.epoch, 0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer by result()
+            self._error = exc
+
+    def result(self) -> Epoch:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._epoch is not None
+        return self._epoch
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._epoch is not None:
+            self._epoch.stream.close()
 
 
 def _parse_device(device: str) -> tuple[bool, int | None]:
     if device == "cpu":
         return False, None
-    if device == "cuda" or device.startswith("cuda:"):
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
         if not torch.cuda.is_available():
             raise LoaderError(f"device={device!r} but CUDA is not available; use device='cpu' (DALI's CPU mode)")
         index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()

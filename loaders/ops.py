@@ -1,17 +1,19 @@
-"""The image stages of the loader as small DALI graph functions, in the order they run.
+"""The DALI op functions of the loader's graph, in the order they run.
 
-Train: decode -> crop -> flip -> randaugment -> mix -> normalize.
-Eval:  decode -> crop -> normalize (the window is the center crop, see `crop.center_crop`).
+Train: decode -> crop (flip fused) -> randaugment -> mix -> normalize.
+Eval:  decode -> crop (center) -> normalize (the window is the center crop, see `crop.center_crop`).
 
 Mixing before normalizing gives the same result as after (normalize is affine and
 the weights sum to 1) and keeps it on the cheaper side of the float conversion.
-The flip costs nothing: `flip` turns the per-sample flags into a resize region that
-runs right to left, and `crop`'s resize writes mirrored samples directly.
+The flip costs nothing: the crop's resize region runs right to left for mirrored
+samples, so the resize writes them mirrored directly.
 
-Every per-sample or per-batch value (crop window, output size, flip, RandAugment
-parameters) is a DataNode fed by `fn.external_source`, so one built pipeline serves
-every stage. `gpu=True` decodes with nvJPEG (`device="mixed"`) and runs the image
-ops on the GPU; argument inputs stay on the CPU, as DALI requires.
+Every per-sample or per-batch value (JPEG bytes, crop window, resize region, output
+size, RandAugment parameters, mix draws) is a DataNode fed by `fn.external_source`
+(with no_copy: the runner keeps each fed array alive until its batch is out), so one
+built pipeline serves every stage. On the GPU (`gpu=True`) the decoder is nvJPEG
+(`device="mixed"`) and the image ops run on the GPU; argument inputs stay on the CPU,
+as DALI requires.
 """
 from __future__ import annotations
 
@@ -19,77 +21,79 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import do_not_convert
 
 from stagewise.loaders.mixup import CUTMIX, MIXUP
-from stagewise.loaders.randaugment import RandAugmentConfig, apply_layer
+from stagewise.loaders.randaugment import (
+    RandAugmentConfig, apply_layer, apply_layer_branchless, clip, shared_inputs, slot_inputs,
+)
 
 
 @do_not_convert  # plain graph code: AutoGraph's transform would only cost build time
-def decode(jpg, window, gpu: bool):
-    """Decode only the crop window (y, x, h, w in source pixels), as RGB uint8 HWC.
+def source(name: str, dtype, ndim: int, device: str = "cpu"):
+    """A named input. CPU inputs are shared, not copied (no_copy); a GPU input is copied from the host array."""
+    return fn.external_source(name=name, dtype=dtype, ndim=ndim, no_copy=device == "cpu", device=device)
+
+
+@do_not_convert
+def decode(jpg, window, gpu: bool, hints: dict):
+    """RGB uint8 HWC. `window` (y, x, h, w in source pixels): decode only that region; None: the whole image.
 
     EXIF orientation is ignored so that the window, computed from the JPEG frame
     header, matches the decoded pixels (build-shards writes plain baseline JPEGs).
+    `hints`: the mixed decoder's arguments (hw_decoder_load, preallocation hints); GPU only.
     """
-    return fn.decoders.image_slice(
-        jpg,
-        window[0:2],
-        window[2:4],
-        axes=[0, 1],
-        normalized_anchor=False,
-        normalized_shape=False,
-        output_type=types.RGB,
-        adjust_orientation=False,
-        device="mixed" if gpu else "cpu",
-    )
+    extra = dict(hints) if gpu else {}
+    common = dict(output_type=types.RGB, adjust_orientation=False, device="mixed" if gpu else "cpu", **extra)
+    if window is None:
+        return fn.decoders.image(jpg, **common)
+    return fn.decoders.image_slice(jpg, window[0:2], window[2:4], axes=[0, 1], normalized_anchor=False,
+                                   normalized_shape=False, **common)
 
 
-@do_not_convert  # plain graph code: AutoGraph's transform would only cost build time
-def crop(img, size, roi=None):
-    """Resize the decoded window to the stage size [H, W]: the resize half of random-resized-crop.
+@do_not_convert
+def crop(img, size, start=None, end=None, relative: bool = True, dtype=None):
+    """Resize a region of the decoded image to the stage size [H, W]: the resize half of random-resized-crop.
 
-    Linear with antialiasing, as torchvision's RandomResizedCrop (antialias=True).
-    roi: (start, end) from `flip`, relative. The output stays uint8: DALI's resize with
-    float output cost +0.36 core-ms per image at 128 px; a cast afterwards costs 0.02.
+    Linear with antialiasing, as torchvision's RandomResizedCrop (antialias=True). start/end:
+    the region (y, x) -> (y, x); relative to the decoded window, or in source pixels for a whole
+    decoded image. A region whose x runs backwards mirrors the sample. The CPU output stays uint8:
+    DALI's resize with float output cost +0.36 core-ms per image at 128 px; a cast afterwards 0.02.
     """
-    region = {} if roi is None else dict(roi_start=roi[0], roi_end=roi[1], roi_relative=True)
-    return fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=True, **region)
+    region = {} if start is None else dict(roi_start=start, roi_end=end, roi_relative=relative)
+    typed = {} if dtype is None else dict(dtype=dtype)
+    return fn.resize(img, size=size, interp_type=types.INTERP_LINEAR, antialias=True, **region, **typed)
 
 
-@do_not_convert  # plain graph code: AutoGraph's transform would only cost build time
-def flip(flips):
-    """Horizontal flip where `flips` (int32 per sample) is 1, as the resize region (y0, x0) -> (y1, x1).
-
-    A region whose x runs from 1 to 0 makes `crop`'s resize mirror the sample: the flip
-    is fused into the resize instead of costing a pass of its own (~0.16 core-ms at 224 px).
-    """
-    f = fn.cast(flips, dtype=types.FLOAT)
-    zero = f * 0.0
-    return fn.stack(zero, f), fn.stack(zero + 1.0, 1.0 - f)
-
-
-def randaugment(img, layers: list[dict], cfg: RandAugmentConfig):
+def randaugment(img, cfg: RandAugmentConfig, layers: int, *, branchless: bool, compact: bool, size=None):
     """RandAugment layers at the stage's resolution (after the resize: 1.3-2x cheaper than before it).
 
-    Float32 HWC in [0, 255] in and out (see randaugment.apply_layer).
+    Float32 HWC in [0, 255] in and out. Tree (conditionals) or branchless (every kernel on the
+    whole batch, then a pick); compact: the GPU formulas, one clamp per layer.
     """
-    for inputs in layers:
-        img = apply_layer(img, inputs, cfg)
+    shared = shared_inputs() if branchless and layers else {}
+    for k in range(layers):
+        inputs = {**slot_inputs(k, branchless=branchless), **shared}
+        if branchless:
+            img = apply_layer_branchless(img, inputs, size, cfg)
+        elif compact:
+            img = clip(apply_layer(img, inputs, cfg, compact=True))
+        else:
+            img = apply_layer(img, inputs, cfg)
     return img
 
 
 @do_not_convert
-def mix_inputs() -> dict:
-    """The external_source nodes of `mix`, fed by `mixup.feed_mix`."""
-    def src(name: str, dtype, ndim: int):
-        return fn.external_source(name=name, dtype=dtype, ndim=ndim)
-
-    return {
-        "kind": src("mix_kind", types.INT32, 0), "lam": src("mix_lam", types.FLOAT, 0),
-        "perm": src("mix_perm", types.INT32, 0), "ids": src("mix_ids", types.INT32, 1),
-        "anchors": src("mix_anchors", types.INT32, 2), "shapes": src("mix_shapes", types.INT32, 2),
+def mix_inputs(branchless: bool = False) -> dict:
+    """The external_source nodes of `mix` / `mix_branchless`, fed from `mixup.mix_feeds`."""
+    out = {
+        "lam": source("mix_lam", types.FLOAT, 0),  # on the GPU, `.gpu()` moves it on DALI's own stream
+        "perm": source("mix_perm", types.INT32, 0), "ids": source("mix_ids", types.INT32, 1),
+        "anchors": source("mix_anchors", types.INT32, 2), "shapes": source("mix_shapes", types.INT32, 2),
     }
+    if not branchless:
+        out["kind"] = source("mix_kind", types.INT32, 0)
+    return out
 
 
-def mix(img, inputs: dict):
+def mix(img, inputs: dict, compact: bool = False):
     """Mixup or CutMix of each sample with its batch partner (see loaders/mixup.py); float HWC in and out.
 
     Every sample of a batch has the same kind, so each branch sees the whole batch or
@@ -99,13 +103,31 @@ def mix(img, inputs: dict):
     if kind == MIXUP:
         lam = inputs["lam"].gpu() if img.device == "gpu" else inputs["lam"]
         partner = fn.permute_batch(img, indices=inputs["perm"])
-        out = img * lam + partner * (1.0 - lam)
+        out = partner + (img - partner) * lam if compact else img * lam + partner * (1.0 - lam)
     elif kind == CUTMIX:
-        out = fn.multi_paste(img, in_ids=inputs["ids"], in_anchors=inputs["anchors"], shapes=inputs["shapes"],
-                             out_anchors=inputs["anchors"])
+        out = _paste(img, inputs)
     else:
         out = img
     return out
+
+
+@do_not_convert
+def mix_branchless(img, inputs: dict):
+    """Mixup then CutMix on every batch, each an exact no-op when the batch does not use it.
+
+    Mixup: partner + (x - partner) lam, with partner = x itself (identity permutation) on
+    batches that do not mix up, which gives x exactly. CutMix: the partner's box pasted over
+    the whole sample, an empty box on batches without CutMix.
+    """
+    partner = fn.permute_batch(img, indices=inputs["perm"])
+    lam = inputs["lam"] if inputs["lam"].device == img.device else inputs["lam"].gpu()
+    return _paste(partner + (img - partner) * lam, inputs)
+
+
+@do_not_convert
+def _paste(img, inputs: dict):
+    return fn.multi_paste(img, in_ids=inputs["ids"], in_anchors=inputs["anchors"], shapes=inputs["shapes"],
+                          out_anchors=inputs["anchors"])
 
 
 @do_not_convert  # plain graph code: AutoGraph's transform would only cost build time

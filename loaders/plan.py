@@ -84,6 +84,23 @@ def _segments(sizes: list[int], shard_order: np.ndarray, lo: int, hi: int) -> li
     return out
 
 
+def epoch_length(sizes: list[int], *, train: bool, world_size: int, batch_size: int) -> int:
+    """Batches per epoch on every rank: a pure function of the shard sizes (no plan, no shuffle)."""
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("the split has no samples")
+    if train:
+        per_rank = total // world_size
+        batches = per_rank // batch_size
+        if batches == 0:
+            raise ValueError(
+                f"{total} samples over {world_size} rank(s) give {per_rank} per rank, "
+                f"fewer than batch_size={batch_size}: no full batch to train on"
+            )
+        return batches
+    return math.ceil(math.ceil(total / world_size) / batch_size)
+
+
 def plan_epoch(
     sizes: list[int],
     *,
@@ -98,23 +115,15 @@ def plan_epoch(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     total = sum(sizes)
-    if total == 0:
-        raise ValueError("the split has no samples")
+    batches = epoch_length(sizes, train=train, world_size=world_size, batch_size=batch_size)
     if train:
         shard_order = np.random.default_rng([seed, epoch, SHARD_STREAM]).permutation(len(sizes))
         per_rank = total // world_size
-        batches = per_rank // batch_size
-        if batches == 0:
-            raise ValueError(
-                f"{total} samples over {world_size} rank(s) give {per_rank} per rank, "
-                f"fewer than batch_size={batch_size}: no full batch to train on"
-            )
         segments = _segments(sizes, shard_order, rank * per_rank, (rank + 1) * per_rank)
         rng = np.random.default_rng([seed, epoch, rank, BUFFER_STREAM])
         order = shuffle_buffer_order(per_rank, buffer, rng)[: batches * batch_size]
         return EpochPlan(tuple(segments), order, np.ones(len(order), bool), batches, batch_size)
     lo, hi = (rank * total) // world_size, ((rank + 1) * total) // world_size
-    batches = math.ceil(math.ceil(total / world_size) / batch_size)
     segments = _segments(sizes, np.arange(len(sizes)), lo, hi)
     count = hi - lo
     if count == 0:  # more ranks than samples: read sample 0 only as padding material

@@ -47,6 +47,7 @@ m=9 gives 9/30 of each op's maximum, not 9/10.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -144,75 +145,183 @@ def affine_params(op: str, f: float, sign: float, size: int, cfg: RandAugmentCon
     raise ValueError(f"{op!r} is not an affine op")
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """Every parameter a layer can draw, for one (magnitude, size, config): indexed by reference op (and sign)."""
+
+    kernel: np.ndarray  # int32 [16]
+    mat: np.ndarray  # float32 [16, 2, 2, 3]: [op, 0 for sign -1 / 1 for sign +1]
+    p: np.ndarray  # float32 [16]
+    filt: np.ndarray  # float32 [16, 3, 3]
+    pad: int  # Cutout half side, px
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(magnitude: float, size: int, cfg: RandAugmentConfig) -> _Tables:
+    """The per-op parameters, computed with exactly the expressions `affine_params`/`scalar_param` use per sample."""
+    level = min(magnitude, cfg.clamp) if cfg.clamp is not None else magnitude
+    f = level / MAX_LEVEL
+    n_ops = len(REFERENCE_OPS)
+    kernel = np.array([_KERNEL_OF[op] for op in REFERENCE_OPS], np.int32)
+    mat = np.repeat(np.repeat(_IDENTITY_MAT[None, None], 2, axis=1), n_ops, axis=0)
+    p = np.ones(n_ops, np.float32)
+    filt = np.repeat(_DELTA[None], n_ops, axis=0)
+    for o, op in enumerate(REFERENCE_OPS):
+        k = kernel[o]
+        if k == AFFINE:
+            for s, sign in enumerate((np.float64(-1.0), np.float64(1.0))):  # np.where's float64 signs, as drawn
+                mat[o, s] = affine_params(op, f, sign, size, cfg)
+        elif k in (POSTERIZE, SOLARIZE, SOLARIZE_ADD, BRIGHTNESS, COLOR, CONTRAST):
+            p[o] = scalar_param(op, f)
+        elif k == SHARPNESS:
+            blend = f * 1.8 + 0.1  # blend(smooth, image, factor) is one 3x3 kernel
+            filt[o] = blend * _DELTA + (1 - blend) * _SMOOTH
+    for array in (kernel, mat, p, filt):
+        array.flags.writeable = False  # shared by every batch through the cache
+    return _Tables(kernel, mat, p, filt, int(f * cfg.cutout_frac * size))  # reference: int(f * 40) px
+
+
 def sample_slots(
     rng: np.random.Generator, n: int, slots: int, ops: int, magnitude: float, size: int, cfg: RandAugmentConfig
 ) -> list[SlotParams]:
-    """Parameters for `slots` layers; layers at index >= `ops` (or magnitude 0) are identity."""
-    level = min(magnitude, cfg.clamp) if cfg.clamp is not None else magnitude
-    f = level / MAX_LEVEL
+    """Parameters for `slots` layers; layers at index >= `ops` (or magnitude 0) are identity.
+
+    Table-driven: each layer's parameters are gathered from `_tables` by the drawn op and sign, which
+    gives the same float32 values as computing them per sample (tests/test_loader_randaugment.py
+    compares the two on every op, sign and clamp).
+    """
+    tables = _tables(float(magnitude), int(size), cfg) if ops > 0 and magnitude > 0 else None
     out = []
     for layer in range(slots):
-        params = SlotParams.identity(n)
         choice = rng.integers(0, len(REFERENCE_OPS), size=n)  # drawn even when off: keeps streams aligned
-        signs = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        plus = rng.random(n) >= 0.5  # sign +1 (the per-sample code: -1 where u < 0.5)
         centres = rng.random((n, 2))
-        if layer < ops and magnitude > 0:
-            for i in range(n):
-                op = REFERENCE_OPS[choice[i]]
-                kernel = _KERNEL_OF[op]
-                params.kernel[i] = kernel
-                if kernel == AFFINE:
-                    params.mat[i] = affine_params(op, f, signs[i], size, cfg)
-                elif kernel in (POSTERIZE, SOLARIZE, SOLARIZE_ADD, BRIGHTNESS, COLOR, CONTRAST):
-                    params.p[i] = scalar_param(op, f)
-                elif kernel == SHARPNESS:
-                    blend = f * 1.8 + 0.1  # blend(smooth, image, factor) is one 3x3 kernel
-                    params.filt[i] = blend * _DELTA + (1 - blend) * _SMOOTH
-                elif kernel == CUTOUT:
-                    pad = int(f * cfg.cutout_frac * size)  # reference: int(f * 40) px
-                    cy, cx = np.floor(centres[i] * size)  # reference: uniform int centre in [0, side)
-                    params.box[i] = (cy - pad, cx - pad, 2 * pad, 2 * pad)
-        out.append(params)
+        if tables is None or layer >= ops:
+            out.append(SlotParams.identity(n))
+            continue
+        kernel = tables.kernel[choice]
+        box = np.zeros((n, 4), np.float32)
+        cut = kernel == CUTOUT
+        if cut.any():
+            pad = tables.pad
+            corner = np.floor(centres[cut] * size) - pad  # reference: uniform int centre in [0, side)
+            box[cut, 0:2] = corner
+            box[cut, 2:4] = 2 * pad
+        out.append(SlotParams(kernel=kernel, mat=tables.mat[choice, plus.astype(np.intp)], p=tables.p[choice],
+                              filt=tables.filt[choice], box=box))
     return out
 
 
+# ---------------------------------------------------------------- compact formulas (the GPU graph)
+# The GPU graph computes every kernel for the whole batch and picks each sample's result
+# (`apply_layer_branchless`); its formulas are written for few operators, and the layer's
+# result is clamped to [0, 255] once, after the pick, instead of inside each kernel. The
+# same formulas routed by the conditional tree (`apply_layer(..., compact=True)`) give
+# bit-identical batches (tested in CPU mode), which proves the pick exact. Against the CPU
+# formulas they differ only by float rounding (tested: see docs/loader.md).
+#
+# Candidates of the pick, in order; Invert is Solarize with threshold 0 (|x - 255| = 255 - x exactly).
+CANDIDATES = ("identity", "affine", "solarize", "posterize", "solarize_add", "brightness", "color", "contrast",
+              "sharpness", "equalize", "autocontrast", "cutout")
+_CANDIDATE_OF_KERNEL = np.array([CANDIDATES.index(k if k != "invert" else "solarize") for k in KERNELS], np.int32)
+
+
+def compact_p(kernel: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """`p` in the compact formulas' terms: Posterize takes the step m = 1 / q; Invert the threshold 0."""
+    out = p.copy()
+    post = kernel == POSTERIZE
+    out[post] = 1.0 / p[post]  # q = 2^-k, so 1 / q = 2^k exactly
+    out[kernel == INVERT] = 0.0
+    return out
+
+
+def branchless_inputs(slots: list[SlotParams], size: int) -> dict[str, np.ndarray]:
+    """Every layer's inputs for `apply_layer_branchless`.
+
+    Per layer: the pick (the row offset of the sample's candidate in the stack), the warp matrix,
+    `p` and the Cutout corner. Shared by all layers: the Sharpness filter and the Cutout side,
+    which depend on the magnitude and size only (every sample computes every kernel here; only
+    the samples that drew one keep its result, and those all have these same values).
+    """
+    out: dict[str, np.ndarray] = {}
+    n = len(slots[0].kernel) if slots else 0
+    filt = np.repeat(_DELTA[None], n, axis=0)
+    cut = np.zeros((n, 2), np.float32)
+    for k, params in enumerate(slots):
+        pick = np.zeros((n, 2), np.float32)
+        pick[:, 0] = _CANDIDATE_OF_KERNEL[params.kernel] * size
+        out[f"ra{k}_pick"], out[f"ra{k}_mat"] = pick, params.mat
+        out[f"ra{k}_p"] = compact_p(params.kernel, params.p)
+        out[f"ra{k}_cut_anchor"] = np.ascontiguousarray(params.box[:, 0:2])
+        sharp = np.flatnonzero(params.kernel == SHARPNESS)
+        if len(sharp):
+            filt[:] = params.filt[sharp[0]]
+        cuts = np.flatnonzero(params.kernel == CUTOUT)
+        if len(cuts):
+            cut[:] = params.box[cuts[0], 2:4]
+    out["ra_filt"], out["ra_cut_shape"] = filt, cut
+    return out
+
+
+def tree_inputs(params: SlotParams, compact: bool) -> dict[str, np.ndarray]:
+    p = compact_p(params.kernel, params.p) if compact else params.p
+    return {"kernel": params.kernel, "mat": params.mat, "p": p, "filt": params.filt, "box": params.box}
+
+
 # ---------------------------------------------------------------- DALI graph side
+_TREE_FIELDS = {"kernel": ("INT32", 0), "mat": ("FLOAT", 2), "p": ("FLOAT", 0), "filt": ("FLOAT", 2),
+                "box": ("FLOAT", 1)}
+_BRANCHLESS_FIELDS = {"pick": ("FLOAT", 1), "mat": ("FLOAT", 2), "p": ("FLOAT", 0), "cut_anchor": ("FLOAT", 1)}
+_SHARED_FIELDS = {"filt": ("FLOAT", 2), "cut_shape": ("FLOAT", 1)}  # branchless: one input for all layers
+
+
+def input_names(layers: int, branchless: bool) -> list[str]:
+    names = [f"ra{k}_{field}" for k in range(layers) for field in (_BRANCHLESS_FIELDS if branchless else _TREE_FIELDS)]
+    return names + ([f"ra_{field}" for field in _SHARED_FIELDS] if branchless and layers else [])
+
+
 @do_not_convert
-def slot_inputs(layer: int) -> dict:
-    """The external_source nodes of one layer, fed by `feed_slot`."""
+def slot_inputs(layer: int, branchless: bool = False) -> dict:
+    """The external_source nodes of one layer (fed with no_copy: the arrays stay alive in the runner's flight)."""
+    fields = _BRANCHLESS_FIELDS if branchless else _TREE_FIELDS
+    return {field: _source(f"ra{layer}_{field}", dtype, ndim) for field, (dtype, ndim) in fields.items()}
+
+
+@do_not_convert
+def shared_inputs() -> dict:
+    """The branchless graph's inputs common to all layers."""
+    return {field: _source(f"ra_{field}", dtype, ndim) for field, (dtype, ndim) in _SHARED_FIELDS.items()}
+
+
+@do_not_convert
+def _source(name: str, dtype: str, ndim: int):
     from nvidia.dali import fn, types
 
-    def src(field: str, dtype, ndim: int):
-        return fn.external_source(name=f"ra{layer}_{field}", dtype=dtype, ndim=ndim)
-
-    return {
-        "kernel": src("kernel", types.INT32, 0),
-        "mat": src("mat", types.FLOAT, 2),
-        "p": src("p", types.FLOAT, 0),
-        "filt": src("filt", types.FLOAT, 2),
-        "box": src("box", types.FLOAT, 1),
-    }
+    return fn.external_source(name=name, dtype=getattr(types, dtype), ndim=ndim, no_copy=True)
 
 
 def feed_slot(pipe, layer: int, params: SlotParams) -> None:
-    for field in ("kernel", "mat", "p", "filt", "box"):
-        pipe.feed_input(f"ra{layer}_{field}", getattr(params, field))
+    """Feeds one tree layer with the CPU formulas' parameters (the kernel tests' helper)."""
+    for field, array in tree_inputs(params, compact=False).items():
+        pipe.feed_input(f"ra{layer}_{field}", array)
 
 
-def apply_layer(img, inputs: dict, cfg: RandAugmentConfig, lo: int = 0, hi: int = len(KERNELS) - 1):
+def apply_layer(img, inputs: dict, cfg: RandAugmentConfig, compact: bool = False, lo: int = 0,
+                hi: int = len(KERNELS) - 1):
     """Route each sample to its kernel by a binary tree of DALI conditionals (depth 4 for 13 kernels).
 
     `img` is float32 HWC with values in [0, 255]: DALI's float kernels are vectorised, its
     float -> uint8 conversion is not (~0.35 core-ms per 224 px image), so the layers stay
     in float and values are not truncated to integers between ops as in the reference.
+    compact=True uses the compact formulas; the caller clamps the layer's result (`clip`).
     """
     if lo == hi:
-        return _run_kernel(lo, img, inputs, cfg)
+        return (_compact_kernel if compact else _run_kernel)(lo, img, inputs, cfg)
     mid = (lo + hi) // 2
     if inputs["kernel"] <= mid:
-        out = apply_layer(img, inputs, cfg, lo, mid)
+        out = apply_layer(img, inputs, cfg, compact, lo, mid)
     else:
-        out = apply_layer(img, inputs, cfg, mid + 1, hi)
+        out = apply_layer(img, inputs, cfg, compact, mid + 1, hi)
     return out
 
 
@@ -227,6 +336,14 @@ def _clip(x):
     from nvidia.dali import math as dmath
 
     return dmath.max(dmath.min(x, 255.0), 0.0)  # min/max: 3x cheaper than dmath.clamp on CPU
+
+
+@do_not_convert
+def clip(x):
+    """[0, 255] in one operator (the compact formulas' single clamp per layer)."""
+    from nvidia.dali import math as dmath
+
+    return dmath.clamp(x, 0.0, 255.0)
 
 
 @do_not_convert  # no DataNode `if` inside: skipping AutoGraph's transform saves seconds per build
@@ -274,3 +391,66 @@ def _run_kernel(kernel: int, img, inputs: dict, cfg: RandAugmentConfig):
         box = inputs["box"]
         return fn.erase(img, anchor=box[0:2], shape=box[2:4], axes=[0, 1], fill_value=cfg.fill)
     raise ValueError(f"unknown RandAugment kernel {kernel}")
+
+
+# Each compact kernel, without its clamp (the layer clamps once). `p` is already on the image's device.
+@do_not_convert
+def _compact(name: str, img, p, inputs: dict, cfg: RandAugmentConfig):
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    if name == "identity":
+        return img
+    if name == "affine":
+        interp = types.INTERP_NN if cfg.nearest else types.INTERP_LINEAR
+        return fn.warp_affine(img, matrix=inputs["mat"], fill_value=cfg.fill, interp_type=interp)
+    if name == "invert":
+        return 255.0 - img
+    if name == "solarize":  # pixels >= t inverted: |x - 255| = 255 - x there, |x| = x elsewhere
+        return dmath.abs(img - (img >= p) * 255.0)
+    if name == "posterize":  # p = 2^k: x - x mod 2^k = floor(x / 2^k) 2^k exactly
+        return img - img % p
+    if name == "solarize_add":
+        return img + (img < 128.0) * p
+    if name == "brightness":
+        return img * p
+    if name == "color":
+        return fn.saturation(img, saturation=inputs["p"])  # argument input: the CPU node
+    if name == "contrast":  # the mean of the luma image (saturation 0: every channel the ITU-R 601 luma)
+        grey = fn.reductions.mean(fn.saturation(img, saturation=0.0))
+        return grey + (img - grey) * p
+    if name == "sharpness":
+        return fn.filter(img, inputs["filt"])  # the GPU filter copies its CPU filter input itself
+    if name == "equalize":
+        return fn.cast(fn.equalize(fn.cast(img, dtype=types.UINT8)), dtype=types.FLOAT)
+    if name == "autocontrast":  # flat channels: x - lo = 0 there, and lo * (d <= 0) puts x back
+        lo = fn.reductions.min(img, axes=[0, 1], keep_dims=True)
+        hi = fn.reductions.max(img, axes=[0, 1], keep_dims=True)
+        d = hi - lo
+        return (img - lo) * (255.0 / dmath.max(d, 1.0)) + lo * (d <= 0.0)
+    if name == "cutout":
+        anchor, shape = (inputs["box"][0:2], inputs["box"][2:4]) if "box" in inputs else (
+            inputs["cut_anchor"], inputs["cut_shape"])
+        return fn.erase(img, anchor=anchor, shape=shape, axes=[0, 1], fill_value=cfg.fill)
+    raise ValueError(f"unknown compact RandAugment kernel {name!r}")
+
+
+@do_not_convert
+def _compact_kernel(kernel: int, img, inputs: dict, cfg: RandAugmentConfig):
+    return _compact(KERNELS[kernel], img, _like(inputs["p"], img), inputs, cfg)
+
+
+@do_not_convert
+def apply_layer_branchless(img, inputs: dict, size, cfg: RandAugmentConfig):
+    """Every candidate on the whole batch, stacked along H; each sample's own rows picked by one slice.
+
+    `size` is the stage's [S, S] (the `size` input): the slice takes S x S at row offset
+    candidate x S, an exact copy. Then one clamp for the layer. No conditionals.
+    """
+    from nvidia.dali import fn
+
+    p = _like(inputs["p"], img)
+    outs = [_compact(name, img, p, inputs, cfg) for name in CANDIDATES]
+    stacked = fn.cat(*outs, axis=0)
+    picked = fn.slice(stacked, inputs["pick"], size, axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+    return clip(picked)

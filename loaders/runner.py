@@ -1,55 +1,58 @@
-"""Driving the built DALI pipelines: batch assembly, feeding, round-robin, exact stage changes.
+"""Driving the built DALI pipelines: batch assembly, feeding, round-robin, exact stage changes, fault recovery.
+
+The `Loader` owns the epochs: it opens each one (its plan and shard stream) and hands it
+over (`begin`, `set_ahead`, `promote`). The runner only assembles, feeds and pulls.
 
 Batches are fed in one global sequence; feed number s goes to pipeline s % P (on CPU,
 P independent 1-thread pipelines: DALI runs a pipeline's CPU operators one after
 another and RandAugment's per-sample branches leave threads idle, so 2 pipelines x 1
 thread beat 1 x 2 on 2 cores; see docs/loader.md). Each pipeline holds up to `depth`
-batches in flight.
-
-Everything random about batch b of epoch e (crop windows, flips, RandAugment draws,
-mixup) comes from generators seeded with (seed, e, b, stream), so a batch is a pure
-function of (seed, e, b, stage), whichever pipeline runs it and whenever.
+batches in flight. Every random draw of a batch depends on (seed, epoch, batch) only
+(loaders/feed.py), so which pipeline runs it, and when, changes nothing.
 
 Stage changes: batches already in flight were fed with the old stage. When the
 consumer pulls the next batch after `set_stage`, they are drained, discarded and fed
 again with the new stage (same samples), so the change takes effect from the very
 next batch pulled, at the cost of re-running at most P x depth batches.
 
-Epoch boundaries (training): once the last batch of epoch e is fed, the runner opens
-epoch e + 1 (its plan and reader) and keeps the pipelines fed with its first batches.
-If the caller then starts epoch e + 1 at batch 0, those batches are used; otherwise
-they are dropped. The pipelines never idle between epochs.
+Epoch boundaries (training): once the last batch of epoch e is fed, `wants_ahead` tells
+the Loader, which opens epoch e + 1 and hands it over; its first batches keep the
+pipelines fed. If the caller then starts e + 1 at batch 0, `promote` uses them.
+
+A batch DALI fails on (a JPEG whose entropy data is corrupt behind a valid header; DALI's
+pipeline object is invalid afterwards) takes the fault path: the pipeline is rebuilt,
+a decode-only probe bisects the batch to find the samples that fail, and they are
+replaced as `on_error="skip"` replaces reader faults (and remembered, so later epochs
+replace them before DALI sees them); the batch is then run again. Under "raise" the
+error names the one shard and key that failed.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from stagewise.loaders.crop import center_crop, random_resized_crop
-from stagewise.loaders.mixup import MIX_STREAM, MixParams, draw_mix, feed_mix
+from stagewise.loaders.feed import Drawn, Feeder, draw_batch
+from stagewise.loaders.graph import Layout, build_pipeline, build_probe, input_names
+from stagewise.loaders.handover import KeepAlive, to_torch
 from stagewise.loaders.params import StageParams
-from stagewise.loaders.graph import GraphSpec, build_pipeline
 from stagewise.loaders.plan import EpochPlan
-from stagewise.loaders.randaugment import feed_slot, sample_slots
-from stagewise.loaders.shard_stream import Fault, Item, LoaderError, SampleReader
+from stagewise.loaders.shard_stream import Fault, Item, LoaderError, ShardStream
+from stagewise.loaders.spec import AugmentSpec, EngineSpec
 
-CROP_STREAM, FLIP_STREAM, RANDAUG_STREAM = 1, 2, 3  # generator stream ids per batch (MIX_STREAM = 4)
-
-
-def batch_rng(seed: int, epoch: int, batch: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, batch, stream])
+MAX_FAULTS_KEPT = 100  # descriptions kept in `faults`
+MAX_RECOVERIES = 4  # fault-path rounds for one batch before giving up
 
 
 @dataclass
 class Epoch:
     number: int
     plan: EpochPlan
-    reader: SampleReader
+    stream: ShardStream
     next_feed: int  # next batch index to assemble and feed
     pad: Item | None = None  # eval padding material
 
@@ -62,15 +65,37 @@ class Flight:
     stage: StageParams
     items: list[Item]  # as fed (faulty samples already replaced), kept to re-feed after a stage change
     real: np.ndarray  # bool [N]: False marks eval padding
-    mix: MixParams | None = None  # as fed, for the targets
+    got: list[Item | Fault | None]  # as read, before replacement (the fault path replaces again from these)
+    drawn: Drawn | None = None  # the inputs as fed: no_copy inputs must stay alive until the batch is out
     dummy: bool = False  # a copy fed only to complete a pipeline's first prefetch; never yielded
     faults: list[Fault] = field(default_factory=list)  # samples replaced; reported when the batch is pulled
+
+    @property
+    def mix(self):
+        return self.drawn.mix if self.drawn is not None else None
+
+
+@dataclass
+class Stats:
+    """Consumer-thread accounting (seconds), for bench-loader: CPU time per part, wall time waiting."""
+
+    batches: int = 0
+    assemble: float = 0.0  # taking samples from the stream, replacing faults
+    draw: float = 0.0  # crop windows, flips, RandAugment and mix draws
+    feed: float = 0.0  # feed_input and schedule_run
+    handover: float = 0.0  # outputs() CPU, DLPack, targets
+    wait: float = 0.0  # wall time inside outputs()
+
+    def reset(self) -> None:
+        self.__init__()
 
 
 class Runner:
     def __init__(
         self,
-        spec: GraphSpec,
+        augment: AugmentSpec,
+        layout: Layout,
+        engine: EngineSpec,
         *,
         batch_size: int,
         pipelines: int,
@@ -78,23 +103,16 @@ class Runner:
         device_id: int | None,
         depth: int,
         seed: int,
-        scale: tuple[float, float],
-        ratio: tuple[float, float],
-        hflip_prob: float,
-        crop_pct: float,
         on_error: str,
         stage: StageParams,
-        open_epoch: Callable[[int, int], Epoch],
     ) -> None:
-        self.spec, self.batch_size, self.depth, self.seed = spec, batch_size, depth, seed
-        self.scale, self.ratio, self.crop_pct, self.on_error = scale, ratio, crop_pct, on_error
-        self.hflip_prob = hflip_prob  # train: chance per sample of a left-right mirror
-        self.stage, self.open_epoch = stage, open_epoch
-        self.pipes = [
-            build_pipeline(spec, batch_size=batch_size, num_threads=threads_per_pipeline, device_id=device_id,
-                           depth=depth, seed=seed + k)
-            for k in range(pipelines)
-        ]
+        self.augment, self.layout, self.engine = augment, layout, engine
+        self.batch_size, self.depth, self.seed, self.on_error = batch_size, depth, seed, on_error
+        self.device_id, self.threads_per_pipeline = device_id, threads_per_pipeline
+        self.stage = stage
+        self.names = input_names(augment, layout)
+        self.pipes = [self._build(k) for k in range(pipelines)]
+        self.feeders = [Feeder(pipe) for pipe in self.pipes]
         self.queues: list[deque[Flight]] = [deque() for _ in self.pipes]
         # DALI's first schedule_run prefetches `depth` iterations, so a pipeline's first
         # `depth` batches must all be fed before it; afterwards each schedule_run runs one.
@@ -102,34 +120,63 @@ class Runner:
         self.skipped = 0  # samples replaced under on_error="skip"
         self.faults: list[str] = []  # descriptions of the first faults seen (bounded)
         self.refed = 0  # batches fed again after a stage change
-        self.retried_closed = 0  # transient errors retried by readers already closed
+        self.rebuilt = 0  # pipelines rebuilt on the fault path
+        self.retried_closed = 0  # transient errors retried by streams already closed
+        self.reader_cpu_closed = 0.0
+        self.bad: dict[tuple[str, str], str] = {}  # (shard, key) -> reason: samples DALI could not decode
         self.current: Epoch | None = None
-        self.ahead: Epoch | None = None  # the next epoch, opened early (training only)
+        self.ahead: Epoch | None = None  # the next epoch, handed over early by the Loader (training only)
+        self.stats = Stats()
+        self.keep = KeepAlive() if layout.gpu else None
         self._next_pull = 0  # batch index in the current epoch
         self._seq = 0  # next feed number
         self._broken: str | None = None
+        self._probe = None
 
-    # ------------------------------------------------------------------ control
-    def begin_epoch(self, number: int, first_batch: int) -> None:
-        ahead = self.ahead
-        if ahead is not None and ahead.number == number and first_batch == 0 and self.current is not None:
-            self._drop_flights(self.current)  # batches of the old epoch nobody pulled
-            self._close(self.current)
-            self.current, self.ahead = ahead, None
-        else:
-            self._drop_flights(None)
-            for epoch in (self.current, self.ahead):
-                if epoch is not None:
-                    self._close(epoch)
-            self.current, self.ahead = self.open_epoch(number, first_batch), None
-        self._next_pull = first_batch
+    @property
+    def hflip_prob(self) -> float:
+        return self.augment.hflip_prob
+
+    def _build(self, k: int):
+        return build_pipeline(self.augment, self.layout, self.engine, batch_size=self.batch_size,
+                              num_threads=self.threads_per_pipeline, device_id=self.device_id, depth=self.depth,
+                              seed=self.seed + k)
+
+    # ------------------------------------------------------------------ control (the Loader's epochs)
+    def begin(self, epoch: Epoch) -> None:
+        """Make `epoch` current, starting at its `next_feed`; every flight and open epoch before is dropped."""
+        self._drop_flights(None)
+        for old in (self.current, self.ahead):
+            if old is not None:
+                self._close(old)
+        self.current, self.ahead = epoch, None
+        self._next_pull = epoch.next_feed
+
+    def promote(self) -> None:
+        """Make the epoch handed over early current, at its batch 0 (its first batches are already in flight)."""
+        assert self.ahead is not None and self.current is not None
+        self._drop_flights(self.current)  # batches of the old epoch nobody pulled
+        self._close(self.current)
+        self.current, self.ahead = self.ahead, None
+        self._next_pull = 0
+
+    @property
+    def wants_ahead(self) -> bool:
+        """Training: every batch of the current epoch is fed and the next epoch has not been handed over."""
+        return (self.layout.train and self.ahead is None and self.current is not None
+                and self.current.next_feed >= self.current.plan.num_batches)
+
+    def set_ahead(self, epoch: Epoch) -> None:
+        self.ahead = epoch
+        self._fill()
 
     def set_stage(self, stage: StageParams) -> None:
         """Eval pipelines use only the image size; train pipelines check the RandAugment layers built."""
-        if self.spec.train and stage.randaug_ops > self.spec.layers and stage.randaugment_on:
+        layers = self.augment.randaug_layers or 0
+        if self.layout.train and stage.randaug_ops > layers and stage.randaugment_on:
             raise ValueError(
                 f"stage asks for {stage.randaug_ops} RandAugment ops but the pipeline was built with "
-                f"{self.spec.layers} layers; pass randaug_layers>={stage.randaug_ops} to Loader"
+                f"{layers} layers; pass AugmentSpec(randaug_layers>={stage.randaug_ops}) to Loader"
             )
         self.stage = stage
 
@@ -137,12 +184,12 @@ class Runner:
         """The next batch of the current epoch: (images as a torch tensor, its flight)."""
         if self._broken:
             raise LoaderError(f"the loader stopped after an earlier failure: {self._broken}")
-        if any(f.stage != self.stage for q in self.queues for f in q if not f.dummy):
+        if any(f.stage is not self.stage and f.stage != self.stage for q in self.queues for f in q if not f.dummy):
             self._refeed_with_current_stage()
         self._fill()
         flight = self._front()
         assert flight.epoch is self.current and flight.batch == self._next_pull, (flight.batch, self._next_pull)
-        images = self._outputs(flight)
+        images = self._take(flight)
         self._next_pull += 1
         if flight.faults:
             self._report_faults(flight)
@@ -151,7 +198,12 @@ class Runner:
 
     @property
     def retried(self) -> int:
-        return self.retried_closed + sum(e.reader.retried for e in (self.current, self.ahead) if e is not None)
+        return self.retried_closed + sum(e.stream.retried for e in (self.current, self.ahead) if e is not None)
+
+    @property
+    def reader_cpu(self) -> float:
+        """CPU seconds spent in shard-reader threads so far."""
+        return self.reader_cpu_closed + sum(e.stream.cpu_s for e in (self.current, self.ahead) if e is not None)
 
     def close(self) -> None:
         self._drop_flights(None)
@@ -159,7 +211,11 @@ class Runner:
             if epoch is not None:
                 self._close(epoch)
         self.current = self.ahead = None
+        if self.keep is not None:
+            self.keep.clear()
         self.pipes.clear()
+        self.feeders.clear()
+        self._probe = None
 
     # ------------------------------------------------------------------ flights
     def _front(self) -> Flight:
@@ -178,7 +234,8 @@ class Runner:
         queue = self.queues[p]
         while not self._primed[p] and queue:
             last = queue[-1]
-            self._feed(Flight(last.seq, last.epoch, last.batch, last.stage, last.items, last.real, dummy=True))
+            self._feed(Flight(last.seq, last.epoch, last.batch, last.stage, last.items, last.real, last.got,
+                              dummy=True))
 
     def _discard(self, p: int) -> Flight:
         self._prime(p)
@@ -186,7 +243,9 @@ class Runner:
         try:
             self.pipes[p].outputs()
         except RuntimeError:
-            pass  # a discarded batch's failure does not matter
+            # A discarded batch's failure does not matter, but DALI's pipeline object is invalid now:
+            # rebuild it and feed it the flights it still had (a failing sample is found when its batch runs).
+            self._reset_pipe(p)
         return flight
 
     def _drop_flights(self, epoch: Epoch | None) -> list[Flight]:
@@ -209,48 +268,61 @@ class Runner:
             epoch = self.current
             assert epoch is not None
             if epoch.next_feed >= epoch.plan.num_batches:
-                if not self.spec.train:
-                    return
-                if self.ahead is None:  # open the next epoch now: the pipelines never idle at the boundary
-                    self.ahead = self.open_epoch(epoch.number + 1, 0)
-                epoch = self.ahead
-                if epoch.next_feed >= epoch.plan.num_batches:
+                epoch = self.ahead  # training: the Loader hands the next epoch over when `wants_ahead`
+                if epoch is None or epoch.next_feed >= epoch.plan.num_batches:
                     return
             if len(self.queues[self._seq % len(self.pipes)]) >= self.depth:
                 return
             read_ahead = epoch.next_feed + len(self.pipes) * self.depth + 2  # batches
-            epoch.reader.advance(read_ahead * self.batch_size)
+            epoch.stream.advance(read_ahead * self.batch_size)
             flight = self._assemble(epoch, epoch.next_feed)
             epoch.next_feed += 1
             self._seq += 1
             self._feed(flight)
 
     def _close(self, epoch: Epoch) -> None:
-        epoch.reader.close()
-        self.retried_closed += epoch.reader.retried
+        epoch.stream.close()
+        self.retried_closed += epoch.stream.retried
+        self.reader_cpu_closed += epoch.stream.cpu_s
 
     # ------------------------------------------------------------------ one batch
     def _assemble(self, epoch: Epoch, b: int) -> Flight:
         """Batch b's samples, faulty ones replaced by good ones of the batch (faults are reported on pull)."""
-        plan, reader, bs = epoch.plan, epoch.reader, self.batch_size
+        start = time.thread_time()
+        plan, stream, bs = epoch.plan, epoch.stream, self.batch_size
         rows = slice(b * bs, (b + 1) * bs)
         real = plan.real[rows]
-        got: list[Item | Fault | None] = [reader.take(int(i)) if r else None for i, r in zip(plan.order[rows], real)]
+        order = plan.order[rows].tolist()
+        if real.all():
+            got: list[Item | Fault | None] = stream.take_many(order)
+        else:
+            got = [stream.take(i) if r else None for i, r in zip(order, real)]
+        if self.bad:
+            got = [Fault(g.shard, g.key, self.bad[(g.shard, g.key)]) if isinstance(g, Item)
+                   and (g.shard, g.key) in self.bad else g for g in got]
+        flight = Flight(self._seq, epoch, b, self.stage, [], real, got)
+        self._substitute(flight)
+        self.stats.assemble += time.thread_time() - start
+        return flight
+
+    def _substitute(self, flight: Flight) -> None:
+        """flight.items from flight.got: each fault replaced by a good sample of the batch (k-th fault: k-th good)."""
+        got, epoch, b = flight.got, flight.epoch, flight.batch
         faults = [g for g in got if isinstance(g, Fault)]
         good = [g for g in got if isinstance(g, Item)]
         if good:
             epoch.pad = good[-1]
-        elif epoch.pad is None and not real.all():
-            first = reader.read_now(0)  # eval padding with no real sample at hand (resumed in the padded tail)
+        elif epoch.pad is None and not flight.real.all():
+            first = epoch.stream.read_now(0)  # eval padding with no real sample at hand (resumed in the padded tail)
             if isinstance(first, Fault):
                 raise LoaderError(f"cannot read a sample to pad eval batch {b}: {first.describe()}")
             epoch.pad = first
-        if not good and real.any():
+        if not good and flight.real.any():
             raise LoaderError(f"every sample of batch {b} (epoch {epoch.number}) failed, nothing to substitute; "
                               f"first: {faults[0].describe()}")
         spare = good or [epoch.pad]
-        items = [g if isinstance(g, Item) else spare[k % len(spare)] for k, g in enumerate(got)]
-        return Flight(self._seq, epoch, b, self.stage, items, real, faults=faults)
+        flight.items = [g if isinstance(g, Item) else spare[k % len(spare)] for k, g in enumerate(got)]
+        flight.faults = faults
 
     def _report_faults(self, flight: Flight) -> None:
         faults, b = flight.faults, flight.batch
@@ -260,8 +332,8 @@ class Runner:
             raise LoaderError(f"{self._broken}; pass on_error='skip' to skip and count such samples")
         self.skipped += len(faults)
         fresh = [f.describe() for f in faults if f.describe() not in self.faults]
-        if fresh and len(self.faults) < 100:
-            self.faults.extend(fresh[: 100 - len(self.faults)])
+        if fresh and len(self.faults) < MAX_FAULTS_KEPT:
+            self.faults.extend(fresh[: MAX_FAULTS_KEPT - len(self.faults)])
             warnings.warn(
                 f"skipping {len(faults)} sample(s) in batch {b} (epoch {flight.epoch.number}), replaced by other "
                 f"samples of the batch; {self.skipped} skipped so far; first: {faults[0].describe()}",
@@ -270,71 +342,121 @@ class Runner:
             )
 
     def _feed(self, flight: Flight) -> None:
-        stage, items, n, b, e = flight.stage, flight.items, len(flight.items), flight.batch, flight.epoch.number
-        size = stage.image_size
-        sizes = np.array([(it.height, it.width) for it in items], np.int64)
-        if self.spec.train:
-            windows = random_resized_crop(batch_rng(self.seed, e, b, CROP_STREAM), sizes, self.scale, self.ratio)
-        else:
-            windows = center_crop(sizes, size, self.crop_pct)
+        start = time.thread_time()
+        flight.drawn = draw_batch(flight.items, augment=self.augment, layout=self.layout, stage=flight.stage,
+                                  seed=self.seed, epoch=flight.epoch.number, batch=flight.batch)
+        drawn = time.thread_time()
         p = flight.seq % len(self.pipes)
         pipe = self.pipes[p]
-        pipe.feed_input("jpg", [np.frombuffer(it.jpg, np.uint8) for it in items])
-        pipe.feed_input("window", windows)
-        pipe.feed_input("size", np.full((n, 2), size, np.float32))
-        if self.spec.train:
-            # Uniform draws in [0, 1) from the batch's own stream: 0 never mirrors, 1 always does, and the
-            # default 0.5 gives the same flags as before the option existed (checkpoints resume bit-exactly).
-            flips = batch_rng(self.seed, e, b, FLIP_STREAM).random(n) < self.hflip_prob
-            pipe.feed_input("flip", flips.astype(np.int32))
-            if self.spec.layers:
-                rng = batch_rng(self.seed, e, b, RANDAUG_STREAM)
-                slots = sample_slots(rng, n, self.spec.layers, stage.randaug_ops, stage.randaug_magnitude, size,
-                                     self.spec.randaug)
-                for k, params in enumerate(slots):
-                    feed_slot(pipe, k, params)
-            flight.mix = draw_mix(batch_rng(self.seed, e, b, MIX_STREAM), n, size, stage)
-            feed_mix(pipe, flight.mix, n, size)
+        self.feeders[p](self.names, flight.drawn.inputs)
         self.queues[p].append(flight)
         if self._primed[p]:
             pipe.schedule_run()
         elif len(self.queues[p]) == self.depth:
             pipe.schedule_run()  # runs all `depth` fed batches
             self._primed[p] = True
+        self.stats.draw += drawn - start
+        self.stats.feed += time.thread_time() - drawn
 
-    def _outputs(self, flight: Flight) -> torch.Tensor:
-        p = flight.seq % len(self.pipes)
-        self.queues[p].popleft()
-        try:
-            (out,) = self.pipes[p].outputs()
-        except RuntimeError as exc:
-            shards = sorted({it.shard for it in flight.items})
-            keys = [it.key for it in flight.items][:8]
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-            self._broken = (f"DALI failed on batch {flight.batch} (epoch {flight.epoch.number}; samples {keys}... "
-                            f"from {shards}): {message}")
+    def _take(self, flight: Flight) -> torch.Tensor:
+        """Pop `flight` (the front of its pipeline) and hand its output over; the fault path on a DALI failure."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            p = flight.seq % len(self.pipes)
+            self._prime(p)
+            assert self.queues[p][0] is flight
+            self.queues[p].popleft()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            stream = torch.cuda.current_stream(self.device_id) if self.layout.gpu else None
+            try:
+                (out,) = self.pipes[p].outputs(cuda_stream=stream) if stream is not None else self.pipes[p].outputs()
+            except RuntimeError as exc:
+                self.stats.wait += time.perf_counter() - wall
+                self._recover(p, flight, exc, attempt)
+                continue
+            self.stats.wait += time.perf_counter() - wall
+            images = to_torch(out, gpu=self.layout.gpu, channels_last=self.augment.channels_last)
+            if self.keep is not None:
+                self.keep.hold(out, stream)
+            self.stats.handover += time.thread_time() - cpu
+            self.stats.batches += 1
+            return images
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ the fault path
+    def _reset_pipe(self, p: int, first: Flight | None = None) -> None:
+        """A new pipeline p, fed again with `first` and then the real flights it still held (same order)."""
+        lost = [f for f in self.queues[p] if not f.dummy]
+        self.queues[p].clear()
+        self.pipes[p] = None  # release the failed pipeline's threads and buffers before building the next
+        self.pipes[p] = self._build(p)
+        self.feeders[p] = Feeder(self.pipes[p])
+        self._primed[p] = False
+        self.rebuilt += 1
+        for flight in ([first] if first is not None else []) + lost:
+            self._feed(flight)
+
+    def _recover(self, p: int, flight: Flight, exc: RuntimeError, attempt: int) -> None:
+        message = _last_line(exc)
+        where = f"batch {flight.batch} (epoch {flight.epoch.number})"
+        if attempt >= MAX_RECOVERIES:
+            self._broken = f"DALI failed on {where} {attempt + 1} times: {message}"
             raise LoaderError(self._broken) from exc
-        return _to_torch(out, self.spec.gpu, self.spec.channels_last)
+        bad = self._find_undecodable(flight)
+        if not bad and attempt > 0:
+            keys = sorted({f"{it.shard}: {it.key!r}" for it in flight.items})[:4]
+            self._broken = (f"DALI failed on {where} and no single sample of it fails to decode alone "
+                            f"(first samples: {keys}): {message}")
+            raise LoaderError(self._broken) from exc
+        for i in bad:
+            item = flight.items[i]
+            reason = f"DALI's decoder fails on it ({message}; its header was readable, its data is not)"
+            self.bad[(item.shard, item.key)] = reason
+            flight.got[i] = Fault(item.shard, item.key, reason)
+        if bad and self.on_error == "raise":
+            first = flight.got[bad[0]]
+            assert isinstance(first, Fault)
+            self._broken = first.describe()
+            raise LoaderError(f"{self._broken}; pass on_error='skip' to skip and count such samples") from exc
+        if bad:
+            self._substitute(flight)  # raises when nothing good is left
+        self._reset_pipe(p, first=flight)
+
+    def _find_undecodable(self, flight: Flight) -> list[int]:
+        """Indices of the flight's samples the decoder fails on alone, by bisection with a decode-only pipeline."""
+        drawn = flight.drawn
+        assert drawn is not None
+        jpgs = drawn.inputs["jpg"]
+        windows = drawn.inputs.get("window")
+        bad: list[int] = []
+        groups = [list(range(len(jpgs)))]
+        while groups:
+            group = groups.pop()
+            if self._decodes(jpgs, windows, group):
+                continue
+            if len(group) == 1:
+                bad.append(group[0])
+                continue
+            half = len(group) // 2
+            groups += [group[half:], group[:half]]
+        return sorted(bad)
+
+    def _decodes(self, jpgs: list, windows, rows: list[int]) -> bool:
+        if self._probe is None:
+            self._probe = build_probe(self.layout, self.engine, batch_size=self.batch_size, device_id=self.device_id)
+        probe = self._probe
+        probe.feed_input("jpg", [jpgs[i] for i in rows])
+        if windows is not None:
+            probe.feed_input("window", np.ascontiguousarray(windows[rows]))
+        try:
+            probe.run()
+            return True
+        except RuntimeError:
+            self._probe = None  # invalid now; the next probe builds a fresh one
+            return False
 
 
-def _to_torch(out, gpu: bool, channels_last: bool) -> torch.Tensor:
-    """A uniform-shape DALI batch as a torch tensor.
-
-    CPU: zero-copy through DLPack. DALI's dynamic executor (the default since DALI 2.0)
-    gives each iteration its own output buffer, kept alive by the returned object, so
-    nothing overwrites it; a copy cost ~0.1-0.6 core-ms per 224 px image.
-    GPU: copied into a torch-allocated tensor on the current stream (the path DALI's
-    own iterator uses; zero-copy there awaits a GPU to verify stream semantics).
-    """
-    dense = out.as_tensor()
-    if gpu:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        target = torch.empty(tuple(dense.shape()), dtype=torch.float32,
-                             device=torch.device("cuda", torch.cuda.current_device()))
-        feed_ndarray(dense, target, cuda_stream=torch.cuda.current_stream())
-    else:
-        target = torch.from_dlpack(dense)
-    if channels_last:  # NHWC from DALI: an NCHW view with channels_last strides
-        target = target.permute(0, 3, 1, 2)
-    return target
+def _last_line(exc: BaseException) -> str:
+    """DALI's own words from a pipeline error (its last informative line, e.g. 'Failed to decode sample #3')."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    useful = [line for line in lines if "no longer valid" not in line and not line.startswith("C++ context")]
+    return (useful or lines or [repr(exc)])[-1].rstrip(" :")

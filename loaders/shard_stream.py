@@ -1,4 +1,4 @@
-"""Streaming samples out of shards with fsspec (local paths or s3://), ahead of the pipeline.
+"""`ShardStream`: streaming samples out of shards with fsspec (local paths or s3://), ahead of the pipeline.
 
 Background threads read the samples an `EpochPlan` needs, in input order, as
 ranged reads located by each shard's `.idx` file (one GET per run of up to
@@ -12,6 +12,8 @@ Faults never hang and always name the shard:
 - transient errors (connection, timeout, S3 5xx): retried `retries` times with
   exponential backoff (`backoff` seconds, doubling), then a `Fault`;
 - a sample without jpg or cls, a bad label, or a payload that is not a JPEG: a `Fault`;
+- a JPEG whose frame header claims more than `max_pixels` pixels (a decompression
+  bomb, or a huge photo in shards another tool wrote): a `Fault`, before DALI sees it;
 - a reader that makes no progress for `timeout` seconds: `LoaderError`.
 What a Fault becomes (raise or skip-and-count) is the loader's policy.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import fsspec
@@ -48,6 +51,7 @@ class Item:
     height: int  # from the JPEG frame header
     width: int
     shard: str  # URL
+    view: object = None  # the JPEG wrapped for the consumer by the stream's `wrap` (a DALI tensor), or None
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class _ShardError(Exception):
     pass
 
 
-class SampleReader:
+class ShardStream:
     def __init__(
         self,
         shard_urls: list[str],
@@ -82,12 +86,17 @@ class SampleReader:
         timeout: float,
         buffer: int,
         lookahead: int,
+        max_pixels: int | None,
+        wrap: Callable[[bytes], object] | None = None,
     ) -> None:
         self.urls, self.index_urls, self.sizes = shard_urls, index_urls, shard_sizes
         self.plan, self.multi_label, self.num_classes = plan, multi_label, num_classes
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.slack = buffer + lookahead
+        self.max_pixels = max_pixels
+        self.wrap = wrap  # applied to each JPEG in the reader threads, off the consumer's thread
         self.retried = 0  # transient errors that were retried (for tests and logs)
+        self.cpu_s = 0.0  # CPU seconds spent in the reader threads (bench-loader's accounting)
         self._held: dict[int, Item | Fault] = {}
         self._index: OrderedDict[int, list | _ShardError] = OrderedDict()
         self._cond = threading.Condition()
@@ -124,6 +133,14 @@ class SampleReader:
                 self._cond.wait(min(left, 1.0))
             return self._held.pop(index)
 
+    def take_many(self, indices) -> list[Item | Fault]:
+        """`take` for a batch of input indices, under one lock when they are all there already."""
+        with self._cond:
+            held = self._held
+            if all(i in held for i in indices):
+                return [held.pop(i) for i in indices]
+        return [self.take(i) for i in indices]
+
     def read_now(self, index: int) -> Item | Fault:
         """Read one input synchronously (eval padding after a resume)."""
         seg, sample = self.plan.locate(np.array([index]))
@@ -139,20 +156,22 @@ class SampleReader:
 
     # ------------------------------------------------------------ reader threads
     def _make_runs(self, needed: np.ndarray) -> list[tuple[int, list[int], list[int]]]:
-        """(shard, input indices, sample indices) of consecutive samples of one shard."""
+        """(shard, input indices, sample indices) of up to RUN_SAMPLES consecutive samples of one shard.
+
+        Vectorized (it runs on the consumer's thread when an epoch opens): a run breaks where the
+        shard changes, where the samples stop being consecutive, and every RUN_SAMPLES samples.
+        """
         if len(needed) == 0:
             return []
         seg, sample = self.plan.locate(needed)
-        runs, cur = [], None
-        for i, s, k in zip(needed.tolist(), seg.tolist(), sample.tolist()):
-            shard = self.plan.segments[s][0]
-            if cur and cur[0] == shard and cur[2][-1] == k - 1 and len(cur[1]) < RUN_SAMPLES:
-                cur[1].append(i)
-                cur[2].append(k)
-            else:
-                cur = (shard, [i], [k])
-                runs.append(cur)
-        return runs
+        shard = np.array([s[0] for s in self.plan.segments], np.int64)[seg]
+        group = np.concatenate([[0], np.cumsum((np.diff(shard) != 0) | (np.diff(sample) != 1))])
+        first = np.concatenate([[0], np.flatnonzero(np.diff(group)) + 1])  # index where each group starts
+        offset = np.arange(len(needed)) - np.repeat(first, np.diff(np.append(first, len(needed))))
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(group) != 0]) | (offset % RUN_SAMPLES == 0))
+        bounds = np.append(starts, len(needed)).tolist()
+        inputs, samples, shards = needed.tolist(), sample.tolist(), shard[starts].tolist()
+        return [(shards[r], inputs[a:b], samples[a:b]) for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
     def _work(self) -> None:
         try:
@@ -163,8 +182,10 @@ class SampleReader:
                     if self._stop or not self._runs:
                         return
                     shard, inputs, samples = self._runs.popleft()
+                start = time.thread_time()
                 results = self._read_run(shard, inputs, samples)
                 with self._cond:
+                    self.cpu_s += time.thread_time() - start
                     if self._stop:
                         return
                     self._held.update(results)
@@ -255,6 +276,12 @@ class SampleReader:
                 raise SampleError(f"label(s) {bad} outside 0..{self.num_classes - 1}")
             jpg = payload(IMAGE_EXT)
             frame = read_frame_header(jpg)
+            if self.max_pixels is not None and frame.pixels > self.max_pixels:
+                raise SampleError(
+                    f"decompression bomb: the frame header says {frame.width}x{frame.height} = {frame.pixels} pixels, "
+                    f"over the limit of {self.max_pixels} (ReadSpec.max_pixels, as build-shards --max-pixels)"
+                )
         except SampleError as exc:
             return Fault(url, key, str(exc))
-        return Item(key, jpg, label, tuple(labels), frame.height, frame.width, url)
+        return Item(key, jpg, label, tuple(labels), frame.height, frame.width, url,
+                    self.wrap(jpg) if self.wrap is not None else None)

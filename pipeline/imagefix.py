@@ -31,15 +31,13 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from stagewise.shards.jpeg import SOF_BASELINE, SOF_PROGRESSIVE, frame_marker
+from stagewise.shards.jpeg import DEFAULT_MAX_PIXELS, SOF_BASELINE, SOF_PROGRESSIVE, frame_marker
 
 try:  # optional C extension, built by `pip install` where libjpeg's headers are
     from stagewise.pipeline import _jpegraw
 except ImportError:
     _jpegraw = None
 
-# Pillow's own default limit (about 0.25 GB of RGB pixels).
-DEFAULT_MAX_PIXELS = 89_478_485
 _ORIENTATION_TAG = 0x0112  # EXIF
 # EXIF orientation (EXIF 2.3, tag 0x0112) -> the transpose that shows the image upright.
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,

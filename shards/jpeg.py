@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from stagewise.shards.schema import SampleError
 
+# Pixel limit (height x width) above which an image is refused as a decompression bomb: Pillow's
+# own default (about 0.25 GB of RGB pixels). build-shards' --max-pixels and the loader's
+# ReadSpec.max_pixels both default to it and mean the same: refuse when h * w > limit.
+DEFAULT_MAX_PIXELS = 89_478_485
 SOF_BASELINE = 0xC0  # baseline DCT, the only frame a shard's jpg member may have
 SOF_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)
 # Start-of-frame markers SOF0..SOF15, less DHT (C4), JPG (C8) and DAC (CC), which share the range.

@@ -1,8 +1,9 @@
 """GPU paths: the loader on the GPU (nvJPEG decode, GPU ops) and training with bf16, channels_last and compile.
 
 CI has no GPU, so these skip there; run them on a CUDA machine with
-`python -m pytest tests/test_gpu.py`. Each compares the GPU path with something
-that can fail: the CPU path on the same images, an uninterrupted run, or the
+`python -m pytest tests/test_gpu.py` (benchmarks/gpu_check.sh runs them first). Each
+compares the GPU path with something that can fail: the CPU path on the same images,
+an uninterrupted run, copies taken synchronously, the conditional-tree graph, or the
 memory in use before the stage changes.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stagewise.loaders import Loader, StageParams
+from stagewise.loaders import AugmentSpec, EngineSpec, Loader, LoaderError, ReadSpec, StageParams
+from stagewise.loaders.graph import count_ops
 from stagewise.pipeline.build_shards import build_shards
 from tests.conftest import write_photo_tree
 from tests.test_train_loop import TINY, records
@@ -55,11 +57,14 @@ def test_gpu_batches_follow_the_stage_without_a_rebuild(photos):
 
 
 def test_gpu_eval_matches_the_cpu_path(photos):
-    """No random ops in eval: nvJPEG + GPU resize must give what libjpeg + CPU resize give, up to rounding."""
+    """No random ops in eval: nvJPEG + GPU resize must give what libjpeg + CPU resize give, up to rounding.
+
+    torchvision's eval geometry on both: the same fractional region, with the filter's neighbours decoded
+    (the GPU decodes whole images, nvImageCodec#55), so only the decoders' IDCT rounding differs."""
     out = {}
     for device in ("cpu", "cuda"):
         with Loader(photos, split="train", batch_size=16, stage=stage(160), device=device, train=False,
-                    crop_pct=0.875) as loader:
+                    augment=AugmentSpec(crop_pct=0.875, eval_geometry="torchvision")) as loader:
             out[device], labels = first_batch(loader)
             out[device + "-labels"] = labels.cpu()
     assert torch.equal(out["cpu-labels"], out["cuda-labels"])
@@ -124,3 +129,67 @@ def test_gpu_training_bf16_channels_last(photos, tmp_path, compile_model):
     assert len(steps) == result["steps"] > 0
     assert [tuple(r["input_shape"])[2:] for r in steps] == [(64, 64)] * (len(steps) // 2) + [(96, 96)] * (len(steps) // 2)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+
+
+def test_dlpack_handover_is_safe_on_a_delayed_consumer_stream(photos):
+    """Batches handed over on a consumer stream that is held back must equal synchronous copies.
+
+    The reference run copies each batch and synchronizes. The test run pulls every batch on a side
+    stream that first spins the GPU (torch.cuda._sleep), reads the batch only after that, and drops
+    the loader's tensor at once: if DALI reused an output buffer before the delayed read (nothing
+    kept it alive), or torch read it before DALI finished it, the reads would differ."""
+    kw = dict(split="train", batch_size=16, stage=stage(128, mixup=0.2), device="cuda", seed=5)
+    with Loader(photos, **kw) as ref:
+        expected = []
+        for images, _ in ref:
+            expected.append(images.clone())
+            torch.cuda.synchronize()
+    consumer = torch.cuda.Stream()
+    got = []
+    with Loader(photos, **kw) as loader, torch.cuda.stream(consumer):
+        for images, _ in loader:
+            torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time on the consumer stream before the read
+            got.append(images * 1.0)
+            del images
+        assert len(loader._runner.keep) <= loader._runner.keep.limit  # bounded
+    consumer.synchronize()
+    assert len(got) == len(expected) > 2
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+
+
+def test_gpu_branchless_randaugment_matches_the_tree_and_has_at_most_100_operators(photos):
+    """The GPU graph (every kernel on the whole batch, then a pick) against the branching one, same formulas.
+
+    Bit-identical in CPU mode (tests/test_loader_graph.py). On the GPU the compiler may contract a
+    multiply-add differently in the two graphs' kernels, a last-bit difference that a later Posterize or
+    Solarize threshold can turn into a bin for a rare pixel: stated tolerance, at most 1 pixel value in
+    10,000 off by more than 1e-3 (normalized units) and a mean |diff| under 1e-4."""
+    out = {}
+    for branchless in (False, True):
+        with Loader(photos, split="train", batch_size=32, stage=stage(96, magnitude=15, mixup=0.3), device="cuda",
+                    seed=9, engine=EngineSpec(branchless=branchless)) as loader:
+            out[branchless] = torch.cat([x.float().cpu() for x, _ in loader])
+            if branchless:
+                total = sum(count_ops(loader._runner.pipes[0]).values())
+                print("built GPU graph operators:", total)
+                assert total <= 100
+    diff = (out[True] - out[False]).abs()
+    print(f"branchless vs tree on GPU: mean {diff.mean():.2e}, max {diff.max():.3f}, "
+          f"share > 1e-3: {(diff > 1e-3).float().mean():.2e}")
+    assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() <= 1e-4
+
+
+def test_gpu_a_corrupt_scan_is_skipped_and_named_under_raise(tmp_path):
+    from tests.test_loader_faults import _good, _truncated_scan
+    from tests.test_loader_support import write_raw_split
+
+    write_raw_split(tmp_path, "train", [_good(7) + [{"__key__": b"corrupt", "jpg": _truncated_scan(3), "cls": b"0"}]],
+                    classes=("only",))
+    plain = StageParams(image_size=32, randaug_magnitude=0, mixup_alpha=0, randaug_ops=0)
+    with Loader(str(tmp_path), split="train", batch_size=4, stage=plain, device="cuda",
+                reading=ReadSpec(on_error="skip")) as loader, pytest.warns(RuntimeWarning):
+        assert len(list(loader)) == 2 and loader.skipped == 1
+    with Loader(str(tmp_path), split="train", batch_size=4, stage=plain, device="cuda") as loader, \
+            pytest.raises(LoaderError, match=r"train-000000\.tar: sample 'corrupt': "):
+        list(loader)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stagewise.loaders import Loader, StageParams
-from stagewise.loaders.runner import FLIP_STREAM, batch_rng
+from stagewise.loaders import AugmentSpec, EngineSpec, Loader, ReadSpec, StageParams
+from stagewise.loaders.feed import FLIP_STREAM, batch_rng
 from stagewise.pipeline.build_shards import build_shards
 from tests.conftest import PALETTE, build_tree_shards, write_photo_tree, write_solid_tree
 from tests.test_loader_support import (
@@ -94,8 +94,8 @@ def _mirrored(images: torch.Tensor) -> list[bool]:
 @pytest.mark.parametrize("hflip_prob", [0.0, 0.5, 1.0])
 def test_hflip_prob_decides_the_mirroring_from_seed_epoch_and_batch(half_red, hflip_prob):
     # scale (1, 1): every crop window is the whole (square) image, so both halves reach the output.
-    with Loader(half_red, split="train", batch_size=8, stage=PLAIN, device="cpu", seed=11, scale=(1.0, 1.0),
-                hflip_prob=hflip_prob) as loader:
+    with Loader(half_red, split="train", batch_size=8, stage=PLAIN, device="cpu", seed=11,
+                augment=AugmentSpec(scale=(1.0, 1.0), hflip_prob=hflip_prob)) as loader:
         mirrored = {(epoch, b): _mirrored(images)
                     for epoch in (0, 1) for b, (images, _) in enumerate(take(loader, epoch=epoch))}
     assert len(mirrored) == 2 * 3
@@ -117,7 +117,8 @@ def test_set_stage_takes_effect_at_the_next_batch_on_the_same_pipeline(photos):
     large_strong = StageParams(image_size=40, randaug_magnitude=15, mixup_alpha=0)
     runs = {}
     for name, later in (("steady", small), ("plain", large_plain), ("strong", large_strong)):
-        with Loader(photos, split="train", batch_size=4, stage=small, device="cpu", seed=1, pipelines=2) as loader:
+        with Loader(photos, split="train", batch_size=4, stage=small, device="cpu", seed=1,
+                    engine=EngineSpec(pipelines=2)) as loader:
             pipes = [id(p) for p in loader._runner.pipes]
             loader.set_epoch(0)
             stream = iter(loader)
@@ -249,7 +250,7 @@ def test_host_rss_stays_flat_across_four_stage_changes(photos):
 
 def test_channels_last_output_has_the_same_values(solid):
     kw = dict(split="train", batch_size=4, stage=StageParams(16, 10, 0.3), device="cpu", seed=9)
-    with Loader(solid, **kw) as a, Loader(solid, channels_last=True, **kw) as b:
+    with Loader(solid, **kw) as a, Loader(solid, augment=AugmentSpec(channels_last=True), **kw) as b:
         (xa, ya), (xb, yb) = take(a, epoch=0, count=1)[0], take(b, epoch=0, count=1)[0]
     assert xb.is_contiguous(memory_format=torch.channels_last) and not xa.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -257,19 +258,25 @@ def test_channels_last_output_has_the_same_values(solid):
 
 def test_bad_arguments_and_states_are_named(solid):
     with pytest.raises(ValueError, match="on_error='ignore'"):
-        Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu", on_error="ignore")
+        Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu", reading=ReadSpec(on_error="ignore"))
     with pytest.raises(ValueError, match="device='tpu'"):
         Loader(solid, split="train", batch_size=4, stage=PLAIN, device="tpu")
     with pytest.raises(KeyError, match="'val'"):
         Loader(solid, split="val", batch_size=4, stage=PLAIN, device="cpu")
     for bad in (1.5, -0.1, True):
-        with pytest.raises(ValueError, match=f"hflip_prob={bad!r}"):
-            Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu", hflip_prob=bad)
+        with pytest.raises(ValueError, match=rf"AugmentSpec.hflip_prob={bad!r}"):
+            Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu", augment=AugmentSpec(hflip_prob=bad))
+    with pytest.raises(ValueError, match=r"AugmentSpec.crop_pct=0"):
+        AugmentSpec(crop_pct=0)
+    with pytest.raises(ValueError, match=r"EngineSpec.stream_policy='fast'"):
+        EngineSpec(stream_policy="fast")
+    with pytest.raises(ValueError, match=r"ReadSpec.max_pixels=0"):
+        ReadSpec(max_pixels=0)
+    with pytest.raises(TypeError, match=r"augment=\{'scale'"):
+        Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu", augment={"scale": (0.5, 1)})
     with pytest.raises(ValueError, match="randaug_magnitude=-1"):
         StageParams(image_size=16, randaug_magnitude=-1, mixup_alpha=0)
     with Loader(solid, split="train", batch_size=4, stage=PLAIN, device="cpu") as loader:
-        with pytest.raises(RuntimeError, match="set_epoch"):
-            iter(loader)
         with pytest.raises(ValueError, match="world_size=2"):
             loader.load_state_dict({"epoch": 0, "batch": 1, "seed": 0, "world_size": 2, "batch_size": 4})
         with pytest.raises(ValueError, match="randaug_layers"):
@@ -283,7 +290,7 @@ def test_prefetch_depth_and_pipeline_count_do_not_change_the_batches(photos, bat
     runs = []
     for pipelines, prefetch in ((1, 1), (2, 2), (3, 1)):
         with Loader(photos, split="train", batch_size=batch_size, stage=stage, device="cpu", seed=4,
-                    pipelines=pipelines, prefetch=prefetch) as loader:
+                    engine=EngineSpec(pipelines=pipelines, prefetch=prefetch)) as loader:
             batches = []
             for epoch in (0, 1):
                 loader.set_stage(stage)
@@ -314,3 +321,36 @@ def test_the_next_epoch_opened_early_gives_the_same_batches_as_a_fresh_start(pho
         assert len(batches) == len(expected)
         for (xa, ya), (xb, yb) in zip(expected, batches):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_iterating_without_set_epoch_yields_epoch_0_then_epoch_1(photos):
+    stage = StageParams(image_size=24, randaug_magnitude=9, mixup_alpha=0.3)
+    kw = dict(split="train", batch_size=4, stage=stage, device="cpu", seed=8)
+    with Loader(photos, **kw) as explicit:
+        expected = [take(explicit, epoch=0), take(explicit, epoch=1)]
+    with Loader(photos, **kw) as loader:
+        assert loader.epoch == 0
+        got = [list(loader)]  # like a DataLoader: no set_epoch
+        assert loader.epoch == 1
+        got.append([batch for batch in loader])
+        assert loader.epoch == 2 and loader.state_dict()["epoch"] == 1
+    for want, have in zip(expected, got, strict=True):
+        assert len(want) == len(have) == len(loader)
+        for (xa, ya), (xb, yb) in zip(want, have):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(got[0][0][0], got[1][0][0])  # epoch 1 is not epoch 0 again
+
+
+def test_a_pass_broken_off_continues_and_an_old_iterator_stops(photos):
+    kw = dict(split="train", batch_size=4, stage=PLAIN, device="cpu", seed=8)
+    with Loader(photos, **kw) as explicit:
+        expected = take(explicit, epoch=0)
+    with Loader(photos, **kw) as loader:
+        first = iter(loader)
+        head = [next(first), next(first)]
+        rest = list(loader)  # the same epoch, from batch 2
+        assert len(head) + len(rest) == len(expected) and loader.epoch == 1
+        with pytest.raises(RuntimeError, match="replaced by a newer iter"):
+            next(first)
+    for (xa, _), (xb, _) in zip(expected, head + rest, strict=True):
+        assert torch.equal(xa, xb)

@@ -36,16 +36,23 @@ def test_resnet152_example_trains_a_few_steps_from_shards(photos):
     assert [s for s, _ in losses] == ["0", "1"] and all(float(v) > 0 for _, v in losses), done.stdout
 
 
-def test_bench_loader_prints_the_ratio_as_json(photos):
-    done = _run([sys.executable, "-m", "pipeline", "bench-loader", photos, "--sizes", "32,48", "--batches", "2",
-                 "--batch-size", "4", "--rounds", "1", "--warmup", "1", "--threads", "1", "--json"], timeout=300)
+def test_bench_loader_prints_the_ratio_and_the_per_batch_columns_as_json(photos):
+    done = _run([sys.executable, "-m", "stagewise.pipeline", "bench-loader", photos, "--sizes", "32,48", "--batches", "2",
+                 "--batch-size", "4", "--rounds", "1", "--warmup", "1", "--threads", "1", "--mixup-alpha", "0.2",
+                 "--json"], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["size"] for r in rows] == [32, 48]
     for r in rows:
-        assert set(r) == {"size", "ours_img_s", "baseline_img_s", "ratio"}
         assert r["ours_img_s"] > 0 and r["baseline_img_s"] > 0
         assert r["ratio"] == pytest.approx(r["ours_img_s"] / r["baseline_img_s"], rel=0.01)  # one round: no median
+        parts = [r[f"{k}_ms"] for k in ("assemble", "draw", "feed", "handover")]
+        assert all(p > 0 for p in parts) and r["consumer_ms"] >= sum(parts) - 0.01
+        assert r["consumer_ms"] == pytest.approx(sum(parts) + r["other_ms"], abs=0.01)
+        assert r["ceiling_img_s"] == pytest.approx(4 / r["consumer_ms"] * 1e3, rel=0.01)
+        assert r["wait_ms"] >= 0 and r["dali_cpu_ms"] > 0
+        assert r["ops"] > r["gpu_graph_ops"] > 0 and r["gpu_graph_ops"] <= 100
+        assert r["mixup"] == 0.2 and r["batch"] == 4 and len(r["load_average"]) == 2
 
 
 def test_bench_loader_baseline_feeds_more_workers_than_shards(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import s3fs
 import torch
 
-from stagewise.loaders import Loader, LoaderError, StageParams
+from stagewise.loaders import Loader, LoaderError, ReadSpec, StageParams
 from stagewise.pipeline.build_shards import build_shards
 from tests.test_loader_support import jpeg_of, sample_ids, take, write_raw_split, write_unique_tree
 
@@ -26,8 +26,8 @@ def dataset(tmp_path):
     return tmp_path / "ds"
 
 
-def _loader(url: str, **kw) -> Loader:
-    return Loader(url, split="train", batch_size=4, stage=PLAIN, device="cpu", seed=2, **kw)
+def _loader(url: str, **reading) -> Loader:
+    return Loader(url, split="train", batch_size=4, stage=PLAIN, device="cpu", seed=2, reading=ReadSpec(**reading))
 
 
 def test_missing_shard_raises_naming_it_or_is_skipped_and_counted(dataset):
@@ -174,8 +174,8 @@ def test_s3_transient_errors_are_retried_with_backoff_then_name_the_shard(s3_dat
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        with Loader(s3_dataset, split="train", batch_size=4, stage=PLAIN, device="cpu", retries=4,
-                    backoff=0.05) as loader:
+        with Loader(s3_dataset, split="train", batch_size=4, stage=PLAIN, device="cpu",
+                    reading=ReadSpec(retries=4, backoff=0.05)) as loader:
             start = time.monotonic()
             if failures is None:
                 with pytest.raises(LoaderError, match=r"train-000001\.tar.*after 5 attempts"):
@@ -191,7 +191,8 @@ def test_s3_transient_errors_are_retried_with_backoff_then_name_the_shard(s3_dat
 
 
 def test_a_store_that_goes_away_gives_an_error_naming_a_shard_not_a_hang(s3_dataset, monkeypatch):
-    loader = Loader(s3_dataset, split="train", batch_size=4, stage=PLAIN, device="cpu", retries=1, backoff=0.05)
+    loader = Loader(s3_dataset, split="train", batch_size=4, stage=PLAIN, device="cpu",
+                    reading=ReadSpec(retries=1, backoff=0.05))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: connection refused
     s3fs.S3FileSystem.clear_instance_cache()
     try:
@@ -202,3 +203,78 @@ def test_a_store_that_goes_away_gives_an_error_naming_a_shard_not_a_hang(s3_data
     finally:
         loader.close()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _bomb(sample_id: int, side: int = 30_000) -> bytes:
+    """A real small JPEG whose frame header claims side x side pixels (a decompression bomb's header)."""
+    data = bytearray(jpeg_of(sample_id))
+    sof = data.find(b"\xff\xc0")  # baseline frame header: marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5 : sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")
+    return bytes(data)
+
+
+def _truncated_scan(sample_id: int) -> bytes:
+    """A JPEG cut halfway through its entropy-coded data: the headers are intact, DALI's decoder fails on it."""
+    data = jpeg_of(sample_id)
+    scan = data.find(b"\xff\xda")
+    return data[: scan + (len(data) - scan) // 2]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.fixture()
+def bad_data(tmp_path):
+    """16 samples in 2 shards of 8: one with a corrupt scan behind a valid header, one with a bomb's header."""
+    write_raw_split(tmp_path, "train", [
+        _good(3) + [{"__key__": b"corrupt", "jpg": _truncated_scan(3), "cls": b"0"}] + _good(4, first=4),
+        _good(3, first=8) + [{"__key__": b"bomb", "jpg": _bomb(11), "cls": b"0"}] + _good(4, first=12),
+    ], classes=("only",))
+    return str(tmp_path)
+
+
+def test_an_oversized_header_and_a_corrupt_scan_are_skipped_counted_and_never_end_the_run(bad_data):
+    start, rss = time.monotonic(), _rss_mb()
+    with _loader(bad_data, on_error="skip") as loader:
+        with pytest.warns(RuntimeWarning, match="skipping"):
+            epochs = [list(loader), list(loader)]  # no set_epoch: epoch 0, then epoch 1
+        assert [len(batches) for batches in epochs] == [4, 4]
+        assert loader.skipped == 4  # both bad samples, in each epoch
+        messages = " ".join(loader.faults)
+        assert "sample 'bomb': decompression bomb: the frame header says 30000x30000" in messages
+        assert "sample 'corrupt': DALI's decoder fails on it" in messages
+        assert loader._runner.rebuilt == 1  # the fault path ran once; epoch 1 replaced 'corrupt' up front
+        for batches in epochs:
+            ids = [i for images, _ in batches for i in sample_ids(images)]
+            assert len(ids) == 16 and set(ids) <= set(range(16)) - {3, 11}  # the bad ones replaced by good ones
+    assert time.monotonic() - start < 60
+    assert _rss_mb() - rss < 300  # the bomb's header claims 2.7 GB of pixels; nothing near that was allocated
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "bomb"])
+def test_under_raise_the_error_names_the_one_shard_and_key_that_failed(tmp_path, bad):
+    payload = _truncated_scan(3) if bad == "corrupt" else _bomb(3)
+    write_raw_split(tmp_path, "train", [_good(5), _good(2, first=5) + [{"__key__": bad.encode(), "jpg": payload,
+                                                                     "cls": b"0"}] + _good(2, first=7)],
+                    classes=("only",))
+    with _loader(str(tmp_path)) as loader, pytest.raises(LoaderError) as error:
+        list(loader)
+    message = str(error.value)
+    shard = "train-000001.tar"
+    assert f"{shard}: sample '{bad}': " in message, message
+    assert message.count("sample '") == 1 and "train-000000.tar" not in message, message
+
+
+def test_the_pixel_limit_means_what_build_shards_max_pixels_means(tmp_path):
+    from stagewise.pipeline.imagefix import DEFAULT_MAX_PIXELS
+    from stagewise.shards.jpeg import DEFAULT_MAX_PIXELS as SHARDS_DEFAULT
+
+    assert ReadSpec().max_pixels == DEFAULT_MAX_PIXELS == SHARDS_DEFAULT  # one definition, one default
+    write_raw_split(tmp_path, "train", [_good(8)], classes=("only",))  # 40 x 30 px images
+    with _loader(str(tmp_path), max_pixels=40 * 30) as loader:  # refused only above the limit: these pass
+        assert len(list(loader)) == 2
+    with _loader(str(tmp_path), max_pixels=40 * 30 - 1) as loader, \
+            pytest.raises(LoaderError, match=r"sample 'k0\d': decompression bomb: .* 40x30 = 1200 pixels, over the limit of 1199"):
+        list(loader)

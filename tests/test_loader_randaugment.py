@@ -172,3 +172,52 @@ def _angle(params: SlotParams) -> float:
     """Largest rotation angle among the samples (degrees), read back from the warp matrices."""
     rotations = [m for m in params.mat if abs(m[0, 0] - 1) > 1e-6 and abs(m[0, 1] + m[1, 0]) < 1e-5]
     return max(abs(np.degrees(np.arctan2(m[1, 0], m[0, 0]))) for m in rotations)
+
+
+def _sample_slots_per_sample(rng, n, slots, ops, magnitude, size, cfg):
+    """The straightforward version `sample_slots` replaced: one Python pass per sample (the bytes to keep)."""
+    level = min(magnitude, cfg.clamp) if cfg.clamp is not None else magnitude
+    f = level / 10.0
+    smooth = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
+    delta = np.pad(np.ones((1, 1), np.float32), 1)
+    out = []
+    for layer in range(slots):
+        params = SlotParams.identity(n)
+        choice = rng.integers(0, len(REFERENCE_OPS), size=n)
+        signs = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+        centres = rng.random((n, 2))
+        if layer < ops and magnitude > 0:
+            for i in range(n):
+                op = REFERENCE_OPS[choice[i]]
+                kernel = KERNELS.index({"AutoContrast": "autocontrast", "Equalize": "equalize", "Invert": "invert",
+                                        "Posterize": "posterize", "Solarize": "solarize",
+                                        "SolarizeAdd": "solarize_add", "Brightness": "brightness", "Color": "color",
+                                        "Contrast": "contrast", "Sharpness": "sharpness",
+                                        "Cutout": "cutout"}.get(op, "affine"))
+                params.kernel[i] = kernel
+                if kernel == AFFINE:
+                    params.mat[i] = affine_params(op, f, signs[i], size, cfg)
+                elif KERNELS[kernel] in ("posterize", "solarize", "solarize_add", "brightness", "color", "contrast"):
+                    params.p[i] = scalar_param(op, f)
+                elif KERNELS[kernel] == "sharpness":
+                    blend = f * 1.8 + 0.1
+                    params.filt[i] = blend * delta + (1 - blend) * smooth
+                elif KERNELS[kernel] == "cutout":
+                    pad = int(f * cfg.cutout_frac * size)
+                    cy, cx = np.floor(centres[i] * size)
+                    params.box[i] = (cy - pad, cx - pad, 2 * pad, 2 * pad)
+        out.append(params)
+    return out
+
+
+@pytest.mark.parametrize("magnitude, size, ops, clamp", [(10.0, 128, 2, None), (23.5, 300, 2, None), (15.0, 224, 1, 10.0),
+                                                         (0.0, 128, 2, None), (7.0, 37, 3, None)])
+def test_table_driven_sampling_gives_the_per_sample_codes_bytes(magnitude, size, ops, clamp):
+    cfg = RandAugmentConfig(clamp=clamp)
+    for seed in range(4):
+        fast = sample_slots(np.random.default_rng([seed, 3]), 256, 3, ops, magnitude, size, cfg)
+        slow = _sample_slots_per_sample(np.random.default_rng([seed, 3]), 256, 3, ops, magnitude, size, cfg)
+        for a, b in zip(fast, slow, strict=True):
+            for field in ("kernel", "mat", "p", "filt", "box"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), (seed, field)

@@ -1,7 +1,7 @@
 """The run's data, from its config: the global batch, the eval size, and the train and eval loaders."""
 from __future__ import annotations
 
-from stagewise.loaders import Loader, StageParams
+from stagewise.loaders import AugmentSpec, Loader, ReadSpec, StageParams
 from stagewise.model.variants import Variant
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.distributed import Dist
@@ -34,18 +34,19 @@ def loader_device(cfg: Config, d: Dist) -> str:
 
 
 def train_loader(cfg: Config, stage: StagePlan, d: Dist) -> Loader:
+    augment = AugmentSpec(scale=cfg.data.crop_scale, hflip_prob=cfg.data.hflip_prob, mean=cfg.data.mean,
+                          std=cfg.data.std, channels_last=cfg.model.channels_last)
     return Loader(cfg.data.url, split=cfg.data.train_split, batch_size=stage.batch_size // d.world_size,
                   stage=stage_params(stage, cfg), device=loader_device(cfg, d), train=True,
                   seed=cfg.run.seed, rank=d.rank, world_size=d.world_size,
-                  num_threads=cfg.data.num_threads or None, mean=cfg.data.mean, std=cfg.data.std,
-                  on_error=cfg.data.on_error, channels_last=cfg.model.channels_last, scale=cfg.data.crop_scale,
-                  hflip_prob=cfg.data.hflip_prob)
+                  num_threads=cfg.data.num_threads or None, augment=augment,
+                  reading=ReadSpec(on_error=cfg.data.on_error))
 
 
 def eval_loader(cfg: Config, size: int, crop: float, batch: int, d: Dist) -> Loader:
     params = StageParams(image_size=size, randaug_magnitude=0.0, mixup_alpha=0.0)
+    augment = AugmentSpec(crop_pct=crop, mean=cfg.data.mean, std=cfg.data.std, channels_last=cfg.model.channels_last)
     return Loader(cfg.data.url, split=cfg.data.val_split, batch_size=max(1, batch // d.world_size), stage=params,
                   device=loader_device(cfg, d), train=False, seed=cfg.run.seed, rank=d.rank,
-                  world_size=d.world_size, num_threads=cfg.data.num_threads or None, crop_pct=crop,
-                  mean=cfg.data.mean, std=cfg.data.std, on_error=cfg.data.on_error,
-                  channels_last=cfg.model.channels_last)
+                  world_size=d.world_size, num_threads=cfg.data.num_threads or None, augment=augment,
+                  reading=ReadSpec(on_error=cfg.data.on_error))

@@ -35,49 +35,10 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
+from stagewise.benchmarks.datasets import make_input  # the reproducible input (--make-input)
 from stagewise.pipeline.build_shards import build_shards
 from stagewise.pipeline.imagefix import reencode_path
 from stagewise.pipeline.sources import scan_class_tree
-
-
-def make_input(dest: str, count: int, seed: int = 0) -> None:
-    """`count` photos in 10 class folders: baseline JPEGs, quality 90, 4:2:0 (Pillow's defaults).
-
-    Crops of scikit-learn's two 640x427 sample photographs, mirrored and
-    colour-jittered at random: 3 in 4 are 500x375 (a common ImageNet size);
-    1 in 4 is 1000x750, a 2x2 mosaic of such crops, so that it has detail down
-    to the pixel like a larger photo (an upscaled crop would be smooth, and
-    flatter the DCT-domain downscaling).
-    """
-    import numpy as np
-    from PIL import Image, ImageEnhance
-    from sklearn.datasets import load_sample_images
-
-    if os.path.isdir(dest) and os.listdir(dest):
-        raise ValueError(f"--make-input: {dest} is not empty")
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = np.random.default_rng(seed)
-
-    def crop() -> Image.Image:
-        src = photos[int(rng.integers(len(photos)))]
-        h = rng.uniform(375, src.height)  # at most 1.14x downscaled to 500x375: native detail
-        x, y = rng.uniform(0, src.width - h * 4 / 3), rng.uniform(0, src.height - h)
-        im = src.resize((500, 375), Image.Resampling.LANCZOS, box=(x, y, x + h * 4 / 3, y + h))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        im = ImageEnhance.Color(im).enhance(rng.uniform(0.6, 1.4))
-        return ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
-
-    for i in range(count):
-        if i % 4 == 3:
-            im = Image.new("RGB", (1000, 750))
-            for k in range(4):
-                im.paste(crop(), (500 * (k % 2), 375 * (k // 2)))
-        else:
-            im = crop()
-        folder = os.path.join(dest, f"class{i % 10}")
-        os.makedirs(folder, exist_ok=True)
-        im.save(os.path.join(folder, f"{i:06d}.jpg"), "JPEG", quality=90)
 
 
 def _naive_reencode(files: list[tuple[str, int]], out_dir: str, max_side: int, quality: int) -> None:

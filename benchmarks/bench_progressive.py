@@ -1,68 +1,389 @@
-"""Progressive learning on small data: the paper's Tables 12 and 13 in miniature, on the embedded digits dataset.
+"""`pipeline bench-progressive DEST`: time to accuracy of progressive learning against fixed-size training.
 
-Three trainings with the same model, data, epochs and total steps (the demo's
-recipe, `train.demo.demo_args`, for 12 epochs):
-  1. fixed size: one stage at the final size and final regularization;
-  2. vanilla progressive: sizes ramp 32 -> 64 px, regularization fixed at its
-     final values (Table 13 "vanilla");
-  3. progressive with adaptive regularization (Algorithm 1).
-Each prints its wall-clock time and held-out top-1. Results are recorded in
-docs/training.md; this is not a test.
+The paper's Tables 12 and 13 in one command, on any shard dataset with train
+and val splits. Every setting trains the same model on the same data for the
+same epochs with the same recipe, once per `--seeds` value:
 
-    .venv/bin/python benchmarks/progressive.py --root /tmp/progressive --seeds 0 1 2
+- fixed:     the final size and the final regularization throughout (one stage);
+- small:     the smallest size throughout (one stage), evaluated at the eval
+             size: the cheap baseline progressive must beat, and the check that
+             resolution matters on this data;
+- vanilla:   sizes ramp, regularization at its final values (Table 13 "vanilla");
+- adaptive:  Algorithm 1, sizes and regularization ramp together (the default);
+- random-resize, automl (only when asked): Mix&Match with adaptive
+  regularization (Table 13), and the official code's stage sizes.
+
+Each run evaluates its EMA weights at the eval size at every stage end and at
+`--eval-points` evenly spaced steps (the trainer's `run.eval_points`), and
+records the training wall time (evaluation excluded) and the images seen at
+each point. The table gives final top-1 (mean ± sd over seeds), training time,
+and time to target: the training time at which a setting's mean curve first
+reaches the fixed setting's final mean top-1, in seconds and as a ratio to
+fixed's total; plus the measured training cost per image at the smallest and
+largest size, so that a reader sees whether the sizes were compute-bound.
+`--json` keeps all of it and every curve; a PNG plots top-1 against training
+time, one mean line and a min-max band over seeds per setting.
+
+Defaults are the 2-core CPU configuration of docs/training.md (texture task
+from `python -m stagewise.benchmarks.datasets textures`); `--device cuda`
+switches to paper-like sizes.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
 import os
-import shutil
+import platform
 import statistics
 import sys
 import time
 
-from stagewise.pipeline.build_shards import build_shards
-from stagewise.pipeline.demo import write_digits_tree
-from stagewise.train import config
-from stagewise.train.demo import demo_args
-from stagewise.train.loop import train
+# Setting name -> (label, what it adds to the shared command line). {min} is the smallest train size.
+SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fixed": ("fixed size", ("--schedule.stages=1",)),
+    "small": ("fixed small", ("--schedule.stages=1", "--schedule.min_size={min}", "--schedule.max_size={min}")),
+    "vanilla": ("progressive, vanilla", ("--schedule.adaptive=false",)),
+    "adaptive": ("progressive, adaptive", ()),
+    "random-resize": ("random resize, adaptive", ("--schedule.kind=random-resize", "--schedule.chunk_epochs={chunk}")),
+    "automl": ("progressive, official code", ("--schedule.kind=automl",)),
+}
+DEFAULT_SETTINGS = ("fixed", "small", "vanilla", "adaptive")
 
-RUNS = {
-    "fixed size": ["--schedule.stages=1"],
-    "progressive, vanilla": ["--schedule.adaptive=false"],
-    "progressive, adaptive": [],
+# Per device: model, sizes (px), epochs, batch, stages. CPU: 2 cores, one torch thread (docs/training.md).
+# CUDA: efficientnetv2_s at Table 6's sizes, tested at its 384 px.
+DEVICE_DEFAULTS: dict[str, dict] = {
+    "cpu": {"model": "efficientnetv2_b0", "min_size": 64, "max_size": 128, "eval_size": 128, "epochs": 12,
+            "batch": 32, "stages": 4, "threads": 1},
+    "cuda": {"model": "efficientnetv2_s", "min_size": 128, "max_size": 300, "eval_size": 384, "epochs": 16,
+             "batch": 128, "stages": 4, "threads": 0},
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs/progressive", help="working folder (recreated)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training per seed and setting")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of every training (the demo runs 10)")
-    args = parser.parse_args(argv)
-    shutil.rmtree(args.root, ignore_errors=True)
-    src, shards = os.path.join(args.root, "digits"), os.path.join(args.root, "shards")
-    write_digits_tree(src)
-    for split in ("train", "val"):
-        build_shards(os.path.join(src, split), shards, layout="folder", split=split, samples_per_shard=400)
-    results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in RUNS}
-    for seed in args.seeds:
-        for name, extra in RUNS.items():
-            run_dir = os.path.join(args.root, f"{name.replace(' ', '').replace(',', '-')}-seed{seed}")
-            cfg = config.parse(demo_args(shards, run_dir) + [f"--run.seed={seed}", "--run.progress=false",
-                                                             f"--schedule.epochs={args.epochs}"] + extra)
-            start = time.time()
-            out = train(cfg, print_config=False)
-            seconds = time.time() - start
-            results[name].append((seconds, out["top1"], out["steps"]))
-            print(f"{name}, seed {seed}: {seconds:.0f} s, top-1 {out['top1']:.1f}%, {out['steps']} steps", flush=True)
-    print(f"\n| setting | steps | wall-clock (s) | held-out top-1 (%) | runs |\n|---|---|---|---|---|")
-    for name, rows in results.items():
-        secs, tops = [r[0] for r in rows], [r[1] for r in rows]
-        spread = f" ± {statistics.stdev(tops):.1f}" if len(tops) > 1 else ""
-        print(f"| {name} | {rows[0][2]} | {statistics.mean(secs):.0f} | {statistics.mean(tops):.1f}{spread} "
-              f"| {len(rows)} |")
+class BenchError(ValueError):
+    """A user's mistake, reported as one line before any training starts."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dest", metavar="DEST", help="shard dataset with train and val splits (pipeline build-shards)")
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), metavar="NAME",
+                   help=f"which settings to run: {', '.join(SETTINGS)} (default: {' '.join(DEFAULT_SETTINGS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and setting")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model and the loader run")
+    p.add_argument("--model", help="model/ name or torchvision:NAME (cpu: efficientnetv2_b0, cuda: efficientnetv2_s)")
+    p.add_argument("--min-size", type=int, help="smallest train size, px (cpu 64, cuda 128)")
+    p.add_argument("--max-size", type=int, help="final train size, px (cpu 128, cuda 300)")
+    p.add_argument("--eval-size", type=int, help="test size, px (cpu 128, cuda 384)")
+    p.add_argument("--epochs", type=int, help="epochs of every run (cpu 12, cuda 16)")
+    p.add_argument("--batch", type=int, help="global batch (cpu 32, cuda 128)")
+    p.add_argument("--stages", type=int, help="progressive stages (4)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (cpu 1: DALI gets the other core; cuda 0 = all)")
+    p.add_argument("--max-steps", type=int, default=0, help="> 0: stop every run after this many steps (smoke tests)")
+    p.add_argument("--eval-points", type=int, default=8, help="evaluations at evenly spaced steps, besides stage ends")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any trainer config key for every run, e.g. --set optim.lr=0.1 (repeat)")
+    p.add_argument("--run-dir", default="runs/bench-progressive", help="one subfolder per run, and the outputs")
+    p.add_argument("--json", metavar="FILE", help="write everything, every curve included, to FILE")
+    p.add_argument("--plot", metavar="FILE", help="PNG of top-1 against training time (default: beside --json, "
+                                                   "else RUN_DIR/bench-progressive.png)")
+
+
+def base_args(a: argparse.Namespace, d: dict) -> list[str]:
+    """The trainer's command line shared by every setting (a short-run recipe; see docs/training.md)."""
+    args = [
+        "--data", a.dest, "--model", d["model"], f"--run.device={a.device}", f"--data.device={a.device}",
+        f"--run.threads={d['threads']}", "--run.checkpoints=false", "--run.ckpt_every=0", "--run.progress=false",
+        "--run.tensorboard=false", "--run.plots=false", "--run.eval=stages", f"--run.eval_points={a.eval_points}",
+        f"--schedule.epochs={d['epochs']}", f"--schedule.stages={d['stages']}",
+        f"--schedule.min_size={d['min_size']}", f"--schedule.max_size={d['max_size']}",
+        f"--data.eval_size={d['eval_size']}", "--data.eval_crop_pct=1.0",
+        f"--optim.batch_size={d['batch']}",
+        # A train record (it names the stage's image size) at least once per epoch, for the cost per size.
+        f"--run.log_every={max(1, min(20, getattr(a, 'train_samples', 0) // d['batch']))}",
+    ]
+    if a.device == "cpu":
+        args += [
+            # Short runs (hundreds of steps), as the demo: see docs/training.md for the evidence behind each.
+            "--optim.lr=0.064", "--optim.warmup_epochs=1", "--optim.lr_decay=cosine",
+            "--model.bn_momentum=0.1", "--model.zero_head=true", "--model.channels_last=false",
+            "--model.drop_path_rate=0.1", "--data.crop_scale=0.35,1",
+            # Table 6's EfficientNetV2-S regularization range (B0's own row has no RandAugment).
+            "--schedule.min_randaug=5", "--schedule.max_randaug=15", "--schedule.min_mixup=0",
+            "--schedule.max_mixup=0", "--schedule.min_dropout=0.1", "--schedule.max_dropout=0.3",
+        ]
+    else:
+        args += ["--optim.warmup_epochs=1", "--optim.lr_decay=cosine", "--model.zero_head=true",
+                 "--data.crop_scale=0.35,1"]
+    if a.max_steps:
+        args.append(f"--schedule.max_steps={a.max_steps}")
+    for item in a.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise BenchError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+        args.append(f"--{key.removeprefix('--')}={value}")
+    return args
+
+
+def resolved(a: argparse.Namespace) -> dict:
+    d = dict(DEVICE_DEFAULTS[a.device])
+    for key in ("model", "min_size", "max_size", "eval_size", "epochs", "batch", "stages", "threads"):
+        if getattr(a, key) is not None:
+            d[key] = getattr(a, key)
+    return d
+
+
+def setting_args(name: str, d: dict) -> list[str]:
+    chunk = max(1, d["epochs"] // 8)  # random-resize: about 8 sizes per run (paper: one per 8 of 350 epochs)
+    return [x.format(min=d["min_size"], chunk=chunk) for x in SETTINGS[name][1]]
+
+
+def check_inputs(a: argparse.Namespace) -> None:
+    """Everything that can be wrong with the command, found before the first training starts."""
+    unknown = [s for s in a.settings if s not in SETTINGS]
+    if unknown:
+        raise BenchError(f"unknown setting {', '.join(map(repr, unknown))}; choose from {', '.join(SETTINGS)}")
+    if len(set(a.settings)) != len(a.settings):
+        raise BenchError(f"--settings names a setting twice: {' '.join(a.settings)}")
+    if not a.seeds:
+        raise BenchError("--seeds needs at least one seed")
+    if a.eval_points < 0:
+        raise BenchError(f"--eval-points must be >= 0, got {a.eval_points}")
+    from stagewise.shards import read_manifest
+
+    try:
+        manifest = read_manifest(a.dest)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise BenchError(f"{a.dest}: {exc}") from None
+    missing = [s for s in ("train", "val") if s not in manifest.splits]
+    if missing:
+        raise BenchError(f"{a.dest} has no {' or '.join(repr(s) for s in missing)} split (it has "
+                         f"{', '.join(sorted(manifest.splits)) or 'none'}); build it with "
+                         f"`pipeline build-shards SRC {a.dest} --split {missing[0]}`")
+    a.train_samples = manifest.splits["train"].num_samples
+
+
+def configs(a: argparse.Namespace, d: dict) -> dict[tuple[str, int], object]:
+    """Every run's trainer config, parsed up front so that a bad --set stops the benchmark before it starts."""
+    from stagewise.train import config
+
+    if "run.eval_points" not in config.LEAVES:
+        raise BenchError("this trainer has no run.eval_points; bench-progressive needs it for its curves")
+    shared = base_args(a, d)
+    out = {}
+    for name in a.settings:
+        for seed in a.seeds:
+            run_dir = os.path.join(a.run_dir, f"{name}-seed{seed}")
+            try:
+                out[(name, seed)] = config.parse(shared + setting_args(name, d) + [
+                    "--run-dir", run_dir, f"--run.seed={seed}"])
+            except config.ConfigError as exc:
+                raise BenchError(str(exc)) from None
+    return out
+
+
+def _stage_sizes(run_dir: str) -> dict[int, int]:
+    """Stage number (1-based) -> train image size, from the run's log.jsonl train records."""
+    sizes: dict[int, int] = {}
+    try:
+        with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("kind") == "train" and "stage" in r and "image_size" in r:
+                    sizes.setdefault(int(r["stage"]), int(r["image_size"]))
+    except OSError:
+        pass
+    return sizes
+
+
+def cost_by_size(runs: list[dict]) -> dict[int, dict]:
+    """Training ms per image at each train size, from the time and images between consecutive evaluations.
+
+    A stretch between two evaluations lies inside one stage (every stage end is
+    evaluated), so it has one size.
+    """
+    acc: dict[int, list[float]] = {}
+    for run in runs:
+        sizes = run["stage_sizes"]
+        prev_s, prev_n = 0.0, 0
+        for e in run["evals"]:
+            size = sizes.get(int(e["stage"]))
+            ds, dn = e["train_seconds"] - prev_s, e["images_seen"] - prev_n
+            prev_s, prev_n = e["train_seconds"], e["images_seen"]
+            if size is None or dn <= 0:
+                continue
+            total = acc.setdefault(size, [0.0, 0])
+            total[0] += ds
+            total[1] += dn
+    return {size: {"ms_per_img": 1000.0 * s / n, "images": n, "seconds": round(s, 2)}
+            for size, (s, n) in sorted(acc.items())}
+
+
+def mean_curve(runs: list[dict]) -> list[dict]:
+    """Points at the steps every seed evaluated: mean top-1 (min, max, sd), mean training seconds and images."""
+    common = set.intersection(*({e["step"] for e in r["evals"]} for r in runs)) if runs else set()
+    curve = []
+    for step in sorted(common):
+        pts = [next(e for e in r["evals"] if e["step"] == step) for r in runs]
+        tops = [p["top1"] for p in pts]
+        curve.append({"step": step, "images_seen": pts[0]["images_seen"], "stage": pts[0]["stage"],
+                      "train_seconds": statistics.mean(p["train_seconds"] for p in pts),
+                      "top1": statistics.mean(tops), "top1_min": min(tops), "top1_max": max(tops),
+                      "top1_sd": statistics.stdev(tops) if len(tops) > 1 else 0.0})
+    return curve
+
+
+def summarize(runs: dict[str, list[dict]], labels: dict[str, str]) -> dict:
+    out: dict = {"settings": {}}
+    for name, rs in runs.items():
+        tops = [r["top1"] for r in rs]
+        out["settings"][name] = {
+            "label": labels[name], "seeds": [r["seed"] for r in rs],
+            "final_top1_mean": statistics.mean(tops), "final_top1_sd": statistics.stdev(tops) if len(tops) > 1 else 0.0,
+            "final_top1": tops, "train_seconds_mean": statistics.mean(r["train_seconds"] for r in rs),
+            "wall_seconds_mean": statistics.mean(r["wall_seconds"] for r in rs),
+            "curve": mean_curve(rs), "runs": rs,
+        }
+    fixed = out["settings"].get("fixed")
+    target = fixed["final_top1_mean"] if fixed else None
+    out["target_top1"] = target
+    for s in out["settings"].values():
+        s["time_to_target_s"] = s["time_to_target_ratio"] = None
+        if target is None:
+            continue
+        hit = next((p for p in s["curve"] if p["top1"] >= target - 1e-9), None)
+        if hit is not None:
+            s["time_to_target_s"] = hit["train_seconds"]
+            s["time_to_target_ratio"] = hit["train_seconds"] / fixed["train_seconds_mean"]
+    costs = cost_by_size([r for rs in runs.values() for r in rs])
+    out["cost_by_size"] = {str(k): v for k, v in costs.items()}
+    if costs:
+        lo, hi = min(costs), max(costs)
+        out["cost_ms_per_img"] = {"smallest": {"size": lo, "ms": costs[lo]["ms_per_img"]},
+                                  "largest": {"size": hi, "ms": costs[hi]["ms_per_img"]}}
+    else:
+        out["cost_ms_per_img"] = None
+    return out
+
+
+def format_table(summary: dict) -> str:
+    rows = [("setting", "final top-1 (%)", "per seed", "train s", "wall s", "to target", "ratio")]
+    for name, s in summary["settings"].items():
+        sd = f" ± {s['final_top1_sd']:.1f}" if len(s["final_top1"]) > 1 else ""
+        reached = s["time_to_target_s"] is not None
+        rows.append((name, f"{s['final_top1_mean']:.1f}{sd}", " / ".join(f"{t:.1f}" for t in s["final_top1"]),
+                     f"{s['train_seconds_mean']:.0f}", f"{s['wall_seconds_mean']:.0f}",
+                     f"{s['time_to_target_s']:.0f} s" if reached else "not reached",
+                     f"{s['time_to_target_ratio']:.2f}x" if reached else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    if summary["target_top1"] is not None:
+        lines.append(f"target: fixed's final mean top-1 {summary['target_top1']:.1f}%; time to target = training "
+                     f"time (evaluation excluded) at which the setting's mean curve first reaches it; ratio to "
+                     f"fixed's total training time")
+    c = summary["cost_ms_per_img"]
+    if c:
+        lines.append(f"training cost: {c['smallest']['ms']:.1f} ms/img at {c['smallest']['size']} px, "
+                     f"{c['largest']['ms']:.1f} ms/img at {c['largest']['size']} px "
+                     f"({c['largest']['ms'] / c['smallest']['ms']:.2f}x for "
+                     f"{(c['largest']['size'] / c['smallest']['size']) ** 2:.2f}x the pixels)")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name, s in summary["settings"].items():
+        c = s["curve"]
+        if not c:
+            continue
+        t = [p["train_seconds"] for p in c]
+        line, = ax.plot(t, [p["top1"] for p in c], "o-", ms=3, lw=1.5, label=f"{name} ({len(s['runs'])} seeds)")
+        ax.fill_between(t, [p["top1_min"] for p in c], [p["top1_max"] for p in c], color=line.get_color(),
+                        alpha=0.15, lw=0)
+    if summary["target_top1"] is not None:
+        ax.axhline(summary["target_top1"], color="gray", ls="--", lw=0.8, label="fixed's final mean")
+    ax.set_xlabel("training time, evaluation excluded (s)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title("top-1 vs training time: mean over seeds, band min-max", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "load_before": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        check_inputs(args)
+        d = resolved(args)
+        cfgs = configs(args, d)
+    except BenchError as exc:
+        print(f"error: bench-progressive: {exc}", file=sys.stderr)
+        return 2
+    from stagewise.train.loop import train
+
+    info = machine()
+    shared = base_args(args, d)
+    print(f"bench-progressive: {', '.join(args.settings)} x seeds {' '.join(map(str, args.seeds))}; {d['model']} "
+          f"{d['min_size']}->{d['max_size']} px (eval {d['eval_size']}), {d['epochs']} epochs, batch {d['batch']}, "
+          f"{d['stages']} stages, on {args.device}; load {info['load_before'][0]:.2f}", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in args.settings}
+    for seed in args.seeds:  # seeds outermost: a partial benchmark still compares every setting
+        for name in args.settings:
+            cfg = cfgs[(name, seed)]
+            start = time.perf_counter()
+            result = train(cfg, print_config=False)
+            wall = time.perf_counter() - start
+            evals = [dict(e) for e in result.get("evals", [])]
+            if not evals:
+                print(f"error: bench-progressive: {name}, seed {seed}: the trainer reported no evaluations",
+                      file=sys.stderr)
+                return 1
+            last = evals[-1]
+            runs[name].append({"seed": seed, "top1": last["top1"], "top5": last.get("top5"),
+                               "train_seconds": result.get("train_seconds", last["train_seconds"]),
+                               "wall_seconds": wall, "images_seen": last["images_seen"], "steps": result["steps"],
+                               "evals": evals, "stage_sizes": _stage_sizes(cfg.run.dir), "run_dir": cfg.run.dir,
+                               "load_after": os.getloadavg()[0]})
+            print(f"{name}, seed {seed}: top-1 {last['top1']:.1f}% after {runs[name][-1]['train_seconds']:.0f} s of "
+                  f"training ({wall:.0f} s with evaluation), {result['steps']} steps; load {os.getloadavg()[0]:.2f}",
+                  flush=True)
+    summary = summarize(runs, {n: SETTINGS[n][0] for n in args.settings})
+    info["load_after"] = os.getloadavg()
+    summary.update({"machine": info, "config": {**d, "device": args.device, "dest": args.dest,
+                                                  "settings": args.settings, "seeds": args.seeds,
+                                                  "eval_points": args.eval_points, "set": args.set,
+                                                  "max_steps": args.max_steps},
+                    "trainer_args": {n: shared + setting_args(n, d) for n in args.settings}})
+    print()
+    print(format_table(summary))
+    png = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json
+                        else os.path.join(args.run_dir, "bench-progressive.png"))
+    plot(summary, png)
+    print(f"plot: {png}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, default=lambda v: v if not isinstance(v, float) or math.isfinite(v)
+                      else None)
+        print(f"json: {args.json}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

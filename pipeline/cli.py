@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-build": ("stagewise.benchmarks.bench_build", "benchmark build-shards against a naive Pillow + webdataset baseline"),
     "bench-model": ("stagewise.benchmarks.bench_model", "benchmark efficientnetv2_s against timm's tf_efficientnetv2_s"),
     "bench-loader": ("stagewise.benchmarks.bench_loader", "benchmark the DALI loader against webdataset + torchvision"),
+    "bench-progressive": ("stagewise.benchmarks.bench_progressive", "time to accuracy: progressive learning vs fixed-size training"),
     "schedule": ("stagewise.train.schedule_cli", "print the per-stage progressive-learning plan of a preset"),
     "train": ("stagewise.train.cli", "train a model on shards (same as `python -m train`)"),
 }

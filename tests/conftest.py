@@ -11,9 +11,10 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+
+from stagewise.benchmarks.datasets import write_photo_tree  # noqa: F401 - the tests' photo trees
 
 # Solid colours, one per class, far apart so that decoding, cropping, mixing
 # and JPEG loss never make one class look like another.
@@ -30,23 +31,6 @@ def write_solid_tree(root: Path, num_classes: int = 4, per_class: int = 6, size:
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             Image.new("RGB", size, PALETTE[c % len(PALETTE)]).save(folder / f"img_{i}.jpg", quality=95)
-    return root
-
-
-def write_photo_tree(root: Path, num_classes: int = 3, per_class: int = 5, seed: int = 0) -> Path:
-    """Class folders of real photographs (scikit-learn's sample images), randomly cropped."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images  # two 427x640 RGB photos shipped with scikit-learn
-    rng = np.random.default_rng(seed)
-    for c in range(num_classes):
-        folder = root / f"class_{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            photo = photos[(c + i) % len(photos)]
-            h, w = int(rng.integers(120, 300)), int(rng.integers(120, 300))
-            y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
-            Image.fromarray(photo[y : y + h, x : x + w]).save(folder / f"photo_{i}.jpg", quality=90)
     return root
 
 

@@ -6,7 +6,6 @@ rejects report (with the right reason).
 """
 from __future__ import annotations
 
-import functools
 import io
 import os
 from dataclasses import dataclass
@@ -15,39 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stagewise.benchmarks.datasets import mosaic, photo  # noqa: F401 - real photo crops, shared
+
 
 @dataclass(frozen=True)
 class Expect:
     fixes: tuple[str, ...] = ()  # for written files
     reject: str | None = None  # reason category for rejected files
     rotated: bool = False  # EXIF orientation swaps width and height
-
-
-@functools.lru_cache(maxsize=1)
-def _sample_photos() -> list[np.ndarray]:
-    from sklearn.datasets import load_sample_images
-
-    return load_sample_images().images  # two 427x640 RGB photographs
-
-
-def photo(seed: int, size: tuple[int, int] = (80, 60)) -> Image.Image:
-    """A crop of one of scikit-learn's two sample photographs."""
-    images = _sample_photos()
-    rng = np.random.default_rng(seed)
-    src = images[seed % len(images)]
-    w, h = size
-    y = int(rng.integers(0, src.shape[0] - h))
-    x = int(rng.integers(0, src.shape[1] - w))
-    return Image.fromarray(src[y : y + h, x : x + w])
-
-
-def mosaic(size: tuple[int, int], seed: int) -> Image.Image:
-    """A photo larger than the sample photos, with detail down to the pixel: tiles of real crops."""
-    out = Image.new("RGB", size)
-    tile = (size[0] // 2 + 1, size[1] // 2 + 1)
-    for k in range(4):
-        out.paste(photo(seed + k, tile), (tile[0] * (k % 2), tile[1] * (k // 2)))
-    return out
 
 
 def _jpeg(im: Image.Image, **save: object) -> bytes:

@@ -52,12 +52,13 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
 DEFAULT_SETTINGS = ("fixed", "small", "vanilla", "adaptive")
 
 # Per device: model, sizes (px), epochs, batch, stages. CPU: 2 cores, one torch thread (docs/training.md).
-# CUDA: efficientnetv2_s at Table 6's sizes, tested at its 384 px.
+# CUDA: efficientnetv2_s at Table 6's sizes. Test size and crop (None): the trainer's default for the final
+# train size (train/data.py: the model's test-to-train ratio; S: 300 -> 384), the same for every setting.
 DEVICE_DEFAULTS: dict[str, dict] = {
-    "cpu": {"model": "efficientnetv2_b0", "min_size": 64, "max_size": 128, "eval_size": 128, "epochs": 12,
-            "batch": 32, "stages": 4, "threads": 1},
-    "cuda": {"model": "efficientnetv2_s", "min_size": 128, "max_size": 300, "eval_size": 384, "epochs": 16,
-             "batch": 128, "stages": 4, "threads": 0},
+    "cpu": {"model": "efficientnetv2_b0", "min_size": 64, "max_size": 128, "eval_size": None, "eval_crop": None,
+            "epochs": 12, "batch": 32, "stages": 4, "threads": 1},
+    "cuda": {"model": "efficientnetv2_s", "min_size": 128, "max_size": 300, "eval_size": None, "eval_crop": None,
+             "epochs": 16, "batch": 128, "stages": 4, "threads": 0},
 }
 
 
@@ -74,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model/ name or torchvision:NAME (cpu: efficientnetv2_b0, cuda: efficientnetv2_s)")
     p.add_argument("--min-size", type=int, help="smallest train size, px (cpu 64, cuda 128)")
     p.add_argument("--max-size", type=int, help="final train size, px (cpu 128, cuda 300)")
-    p.add_argument("--eval-size", type=int, help="test size, px (cpu 128, cuda 384)")
+    p.add_argument("--eval-size", type=int, help="test size, px (default: the trainer's for the final size; "
+                                                  "cpu 149, cuda 384)")
+    p.add_argument("--eval-crop", type=float, help="test center-crop fraction (default: the model's)")
     p.add_argument("--epochs", type=int, help="epochs of every run (cpu 12, cuda 16)")
     p.add_argument("--batch", type=int, help="global batch (cpu 32, cuda 128)")
     p.add_argument("--stages", type=int, help="progressive stages (4)")
@@ -97,7 +100,7 @@ def base_args(a: argparse.Namespace, d: dict) -> list[str]:
         "--run.tensorboard=false", "--run.plots=false", "--run.eval=stages", f"--run.eval_points={a.eval_points}",
         f"--schedule.epochs={d['epochs']}", f"--schedule.stages={d['stages']}",
         f"--schedule.min_size={d['min_size']}", f"--schedule.max_size={d['max_size']}",
-        f"--data.eval_size={d['eval_size']}", "--data.eval_crop_pct=1.0",
+        f"--data.eval_size={d['eval_size']}", f"--data.eval_crop_pct={d['eval_crop']}",
         f"--optim.batch_size={d['batch']}",
         # A train record (it names the stage's image size) at least once per epoch, for the cost per size.
         f"--run.log_every={max(1, min(20, getattr(a, 'train_samples', 0) // d['batch']))}",
@@ -127,9 +130,19 @@ def base_args(a: argparse.Namespace, d: dict) -> list[str]:
 
 def resolved(a: argparse.Namespace) -> dict:
     d = dict(DEVICE_DEFAULTS[a.device])
-    for key in ("model", "min_size", "max_size", "eval_size", "epochs", "batch", "stages", "threads"):
+    for key in ("model", "min_size", "max_size", "eval_size", "eval_crop", "epochs", "batch", "stages", "threads"):
         if getattr(a, key) is not None:
             d[key] = getattr(a, key)
+    if d["eval_size"] is None or d["eval_crop"] is None:  # what the trainer would test the fixed setting at
+        from stagewise.train import config, data, models
+        from stagewise.train.schedule import preset_from_config
+
+        cfg = config.parse(["--model", d["model"], f"--schedule.min_size={d['min_size']}",
+                            f"--schedule.max_size={d['max_size']}"])
+        variant = models.variant_of(d["model"])
+        size, crop = data.eval_size_and_crop(cfg, variant, preset_from_config(cfg.schedule, d["model"], variant))
+        d["eval_size"] = d["eval_size"] or size
+        d["eval_crop"] = d["eval_crop"] or crop
     return d
 
 
@@ -344,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
     info = machine()
     shared = base_args(args, d)
     print(f"bench-progressive: {', '.join(args.settings)} x seeds {' '.join(map(str, args.seeds))}; {d['model']} "
-          f"{d['min_size']}->{d['max_size']} px (eval {d['eval_size']}), {d['epochs']} epochs, batch {d['batch']}, "
+          f"{d['min_size']}->{d['max_size']} px (eval {d['eval_size']}, crop {d['eval_crop']:.3f}), "
+          f"{d['epochs']} epochs, batch {d['batch']}, "
           f"{d['stages']} stages, on {args.device}; load {info['load_before'][0]:.2f}", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in args.settings}
     for seed in args.seeds:  # seeds outermost: a partial benchmark still compares every setting

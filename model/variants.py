@@ -56,6 +56,11 @@ class Variant:
     mixup_alpha: float  # final mixup alpha; 0 = no mixup
     dropout: float  # final dropout before the classifier
 
+    @property
+    def stride(self) -> int:
+        """Input pixels per pixel of the last feature map: the stem's 2 times every group's stride (32)."""
+        return 2 * math.prod(g.stride for g in self.groups)
+
 
 # --- Base block-group tables -------------------------------------------------------
 # Abbreviations: F = Fused-MBConv, M = MBConv. Columns: repeats, kernel, stride,

@@ -25,12 +25,12 @@ from stagewise.pipeline.build_shards import build_shards
 from stagewise.shards import Sample, ShardWriter, make_key
 from stagewise.shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 from tests.conftest import write_solid_tree
-from stagewise.train import checkpoint, config, data
+from stagewise.train import checkpoint, config, data, models
 from stagewise.train.distributed import Dist
 from stagewise.train.cli import main
 from stagewise.train.loop import TrainingDiverged, save_checkpoint, setup, train
 from stagewise.train.losses import loss_fn
-from stagewise.train.schedule import StagePlan, StageValues
+from stagewise.train.schedule import StagePlan, StageValues, preset_from_config
 from stagewise.train.telemetry import Telemetry
 
 
@@ -264,6 +264,28 @@ def test_credentials_in_a_url_never_reach_the_printout_the_config_file_or_the_ch
                         ("last.pt", in_checkpoint), ("log.jsonl", (run_dir / "log.jsonl").read_text())):
         assert secret not in text, f"the signature leaked into {where}"
     assert "X-Amz-Signature=***" in saved and "X-Amz-Signature=***" in in_checkpoint
+
+
+@pytest.mark.parametrize("model, options, expected", [
+    ("efficientnetv2_s", [], (384, 1.0)),  # paper: trains up to 300, tests at 384
+    ("efficientnetv2_b0", [], (224, 0.875)),  # the row's own sizes
+    ("efficientnetv2_b0", ["--schedule.max_size=128"], (149, 0.875)),  # the row's ratio, 224/192, at 128
+    ("torchvision:resnet50", ["--schedule.max_size=200"], (256, 1.0)),  # efficientnetv2_s's ratio, 384/300
+    ("efficientnetv2_b0", ["--schedule.max_size=128", "--data.eval_size=96"], (96, 0.875)),  # asked for
+])
+def test_the_test_size_follows_the_final_train_size(model, options, expected):
+    cfg = config.parse(["--model", model, *options])
+    variant = models.variant_of(model)
+    assert data.eval_size_and_crop(cfg, variant, preset_from_config(cfg.schedule, model, variant)) == expected
+
+
+def test_a_first_stage_below_twice_the_stride_is_pointed_out(shards, tmp_path, capsys):
+    base = TINY + ["--data", shards, "--schedule.epochs=1", "--schedule.stages=1", "--run.eval=none"]
+    assert main(base + ["--run-dir", str(tmp_path / "a"), "--schedule.max_size=32"]) == 0
+    assert "note: the first stage trains at 32 px, where efficientnetv2_b0's last feature maps are 1x1" in (
+        capsys.readouterr().out)
+    assert main(base + ["--run-dir", str(tmp_path / "b"), "--schedule.max_size=64"]) == 0
+    assert "note: the first stage" not in capsys.readouterr().out
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):

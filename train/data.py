@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from stagewise.loaders import AugmentSpec, Loader, ReadSpec, StageParams
-from stagewise.model.variants import Variant
+from stagewise.model.variants import Variant, get_variant
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.distributed import Dist
 from stagewise.train.schedule import Preset, StagePlan
+
+
+_S = get_variant("efficientnetv2_s")
+_S_TEST_TO_TRAIN = _S.eval_size / _S.train_size  # 384 / 300 (paper §5.1 and the official config)
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
@@ -18,8 +22,17 @@ def global_batch(cfg: Config, world_size: int) -> int:
 
 
 def eval_size_and_crop(cfg: Config, variant: Variant | None, preset: Preset) -> tuple[int, float]:
-    """Test size and crop: config, else the variant's (paper: S 384, M/L 480, crop 1.0), else the last train size."""
-    size = cfg.data.eval_size or (variant.eval_size if variant else preset.max_size)
+    """Test size and crop: data.eval_size / eval_crop_pct, else the variant's test-to-train ratio applied to the
+    final train size the run actually uses (paper: S trains up to 300 and tests at 384, 1.28x).
+
+    Testing above the final train size is part of the recipe, not a detail: random-resized crops show objects
+    larger than a center crop at the same size does (Touvron et al. 2019, "FixRes"). Measured on the texture
+    task (docs/training.md): progressive weights trained up to 128 px scored 68.3 % tested at 128 and 79.8 %
+    at 160. So a run whose `schedule.max_size` overrides the row's train size keeps the row's ratio (B0 trained
+    up to 128: tested at 149, not at B0's own 224). Models without a row use efficientnetv2_s's ratio.
+    """
+    ratio = (variant.eval_size / variant.train_size) if variant else _S_TEST_TO_TRAIN
+    size = cfg.data.eval_size or round(preset.max_size * ratio)
     crop = cfg.data.eval_crop_pct or (variant.eval_crop_pct if variant else 1.0)
     return size, crop
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check, in one script, for a session that is lent a GPU (docs/benchmarks.md, "GPU check").
+# The GPU check, in one script and one call, for a session that is lent a GPU (docs/benchmarks.md, "GPU check").
 #
-#   STEPS="install data test loader" bash benchmarks/gpu_check.sh           # call 1 (after the 6 carry calls)
-#   STEPS="install data engine train model" bash benchmarks/gpu_check.sh    # call 2, on the same warm machine
+#   bash benchmarks/gpu_check.sh                        # after the 4 carry calls; about 6 minutes
+#   STEPS="model engine" bash benchmarks/gpu_check.sh   # only if the first call ran out of time: the rest
 #
-# Run from the repository root. The machine starts bare (Python 3.12, torch 2.11 cu130): the
-# wheels come in .whl/parts/pack.tar.NN, made here by `python -m stagewise.benchmarks.gpu_wheels`
-# and carried one part per call. Every step has a time box and writes its result under $OUT as
-# soon as it ends, so a run cut short still returns what it finished; the whole run keeps to
-# DEADLINE_S (default 570 s, under the device tool's 600 s per command). Steps already done on a
-# warm machine (install, data) are skipped. $OUT/gpu-check.md sums it up in docs/benchmarks.md's
-# table format.
+# Run from the repository root. The machine starts with Python 3.12, torch 2.11 cu130 and a
+# scientific stack but no DALI: the missing wheels come in .whl/parts/pack.tar.NN, made here by
+# `python -m stagewise.benchmarks.gpu_wheels` and carried one part per call. Steps run in order of
+# importance, each with a time box, and write their result under $OUT as soon as they end, so a run
+# cut short still returns what it finished; the whole run keeps to DEADLINE_S (default 360 s: with
+# the machine's start and the carries, twice that fits a session's 15 minutes of device time). Steps
+# already done on a warm machine (install, data) are skipped. $OUT/gpu-check.md sums it up in
+# docs/benchmarks.md's table format.
 #
 # Dry run on a CPU machine (every step's command, tiny sizes, DALI's CPU mode):
 #   DRY_RUN=1 OUT=/tmp/gpu-dry PY=.venv/bin/python bash benchmarks/gpu_check.sh
@@ -18,8 +19,8 @@ set -u
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu-check}
 PY=${PY:-python3}
-STEPS=${STEPS:-"install data test loader engine train model"}
-DEADLINE_S=${DEADLINE_S:-570}
+STEPS=${STEPS:-"install data test loader train model engine"}
+DEADLINE_S=${DEADLINE_S:-360}
 DRY_RUN=${DRY_RUN:-0}
 WORK=${WORK:-/tmp/stagewise-gpu}  # installed packages, the stagewise import root, the benchmark data
 START=$(date +%s)
@@ -83,8 +84,8 @@ do_install() {
 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 }
 
-do_data() {  # 5,120 crops of 500x375 (~55 KB) in 10 classes, 40 shards of 128
-  local src="$WORK/src" ds="$WORK/ds" count=5120 workers=16 per=640
+do_data() {  # 2,560 crops of 500x375 (~55 KB) in 10 classes, 20 shards of 128
+  local src="$WORK/src" ds="$WORK/ds" count=2560 workers=16 per=160
   if [[ "$DRY_RUN" == 1 ]]; then count=256 workers=2 per=128; fi
   if [[ -f "$ds/manifest.json" ]]; then echo "data already built: $ds"; return 0; fi
   rm -rf "$src" "$ds"
@@ -110,22 +111,22 @@ if [[ "$DRY_RUN" == 1 ]]; then
   DEVICE=cpu SIZES=64,96 BATCH=32 THREADS=2 ROUNDS=1 BATCHES=2 TRAIN_SIZES=32,48 TRAIN_BATCH=4 TRAIN_STEPS=1 \
     MODEL_SIZES=32 MODEL_BATCH=2 MODEL_STEPS=1 COMPILE_BOX=60 DTYPE=fp32  # a CPU compile outlasts its box: expected
 else
-  DEVICE=cuda SIZES=128,300 BATCH=256 THREADS=16 ROUNDS=3 BATCHES=15 TRAIN_SIZES=128,185,242,300 TRAIN_BATCH=128 \
-    TRAIN_STEPS=20 MODEL_SIZES=224,300 MODEL_BATCH=128 MODEL_STEPS=20 COMPILE_BOX=240 DTYPE=bf16
+  DEVICE=cuda SIZES=128,300 BATCH=256 THREADS=16 ROUNDS=3 BATCHES=8 TRAIN_SIZES=128,184,240,300 TRAIN_BATCH=128 \
+    TRAIN_STEPS=12 MODEL_SIZES=300 MODEL_BATCH=128 MODEL_STEPS=10 COMPILE_BOX=120 DTYPE=bf16
 fi
 DS="$WORK/ds"
 for s in $STEPS; do
   case $s in
-    install) step install 180 bash -c do_install || { log "install failed: see install.log"; break; }
+    install) step install 90 bash -c do_install || { log "install failed: see install.log"; break; }
              lib_paths ;;
-    data)    step data 150 bash -c do_data || break ;;
+    data)    step data 60 bash -c do_data || break ;;
     test)    if [[ "$DRY_RUN" == 1 ]]; then
                step test 120 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rs
              else
-               step test 300 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rA --timeout 120 \
+               step test 120 "$PY" -m pytest tests/test_gpu.py -q -p no:cacheprovider -rA --timeout 60 \
                  --junitxml "$OUT/test_gpu.xml"
              fi ;;
-    loader)  step loader 240 "$PY" -m stagewise.pipeline bench-loader "$DS" --device "$DEVICE" --sizes "$SIZES" \
+    loader)  step loader 120 "$PY" -m stagewise.pipeline bench-loader "$DS" --device "$DEVICE" --sizes "$SIZES" \
                --batch-size "$BATCH" --mixup-alpha 0.2 --threads "$THREADS" --rounds "$ROUNDS" --batches "$BATCHES" \
                --warmup 3 --json-out "$OUT/bench-loader.json" ;;
     engine)  # our side only, 128 px: DALI's executor options, the decoder's HW share, and the tree against branchless
@@ -133,14 +134,14 @@ for s in $STEPS; do
                             "hw-load-0.9:--hw-decoder-load 0.9" "tree:--branchless off"; do
                name=${variant%%:*} flags=${variant#*:}
                # shellcheck disable=SC2086
-               step "engine-$name" 90 "$PY" -m stagewise.pipeline bench-loader "$DS" --device "$DEVICE" \
+               step "engine-$name" 45 "$PY" -m stagewise.pipeline bench-loader "$DS" --device "$DEVICE" \
                  --sizes "${SIZES%%,*}" --batch-size "$BATCH" --mixup-alpha 0.2 --threads "$THREADS" --rounds 2 \
                  --batches "$BATCHES" --warmup 3 --no-baseline $flags --json-out "$OUT/engine-$name.json"
              done ;;
-    train)   step train 200 "$PY" -m stagewise.benchmarks.gpu_check train "$DS" --out "$OUT/train.json" \
+    train)   step train 100 "$PY" -m stagewise.benchmarks.gpu_check train "$DS" --out "$OUT/train.json" \
                --device "$DEVICE" --sizes "$TRAIN_SIZES" --batch "$TRAIN_BATCH" --steps "$TRAIN_STEPS" \
                --warmup "$( [[ "$DRY_RUN" == 1 ]] && echo 1 || echo 5 )" --threads "$THREADS" ;;
-    model)   step model-eager 120 "$PY" -m stagewise.pipeline bench-model --device "$DEVICE" --channels-last \
+    model)   step model-eager 60 "$PY" -m stagewise.pipeline bench-model --device "$DEVICE" --channels-last \
                --dtype "$DTYPE" --sizes "$MODEL_SIZES" --batch "$MODEL_BATCH" --steps "$MODEL_STEPS" --rounds 2 --json
              step model-compiled "$COMPILE_BOX" "$PY" -m stagewise.pipeline bench-model --device "$DEVICE" --channels-last \
                --dtype "$DTYPE" --compile --sizes "${MODEL_SIZES##*,}" --batch "$MODEL_BATCH" --steps "$MODEL_STEPS" --rounds 2 --json

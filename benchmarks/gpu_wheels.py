@@ -1,22 +1,21 @@
-"""Prepare what the GPU check carries to a bare GPU machine: wheels in parts under the device tool's 64 MiB limit.
+"""Prepare what the GPU check carries to a bare GPU machine: wheels in parts small enough to carry one per call.
 
-The GPU machine starts with Python 3.12 and torch 2.11.0+cu130 only, and reaches no network.
-This downloads (here, through pip) every other wheel the check needs, for CPython 3.12 on
-manylinux x86_64, into a git-ignored folder, packs them, and splits the pack into parts of
-at most 60 MiB:
+The lent GPU machines start with Python 3.12, torch 2.11.0+cu130 and a wide scientific stack
+(numpy, Pillow, torchvision 0.26, timm, scikit-learn, scikit-image, pytest, PyYAML, fsspec, tqdm,
+...), and reach no network. This downloads (here, through pip) only the wheels that stack lacks,
+for CPython 3.12 on manylinux x86_64, into a git-ignored folder, packs them, and splits the pack
+into parts of at most 62 MiB, so that a part and the repository together stay under a call's
+64 MiB:
 
     python -m stagewise.benchmarks.gpu_wheels            # -> .whl/parts/pack.tar.NN, .whl/parts/SHA256SUMS
 
-Then each device call carries one part (`carry: [".whl/parts/pack.tar.00"]`, then .01, ...; a
-warm machine keeps what earlier calls brought), and `bash benchmarks/gpu_check.sh` joins,
-checks and installs them (docs/benchmarks.md, "GPU check").
+Then each device call carries one part (and SHA256SUMS); a warm machine keeps what earlier calls
+brought, and `bash benchmarks/gpu_check.sh` joins, checks and installs them (docs/benchmarks.md,
+"GPU check").
 
-The list is pinned (`WHEELS`): DALI 2.4.0 for CUDA 13 and the parts of its requirements the
-JPEG path loads (nvImageCodec with nvJPEG; nvCOMP because DALI pins it; not JPEG 2000/TIFF),
-numpy, Pillow, the test runner, webdataset + torchvision (the baseline; PyPI's build for torch 2.11,
-CUDA 13 like the machine's torch), timm (bench-model's reference) and scikit-learn (its two sample
-photos are the benchmark and test data's source).
-Everything is installed with --no-deps, so nothing asks pip to resolve against the network.
+The list is pinned (`WHEELS`): DALI 2.4.0 for CUDA 13 and what it requires (nvImageCodec with
+nvJPEG; nvCOMP, which DALI pins; its small pure-Python helpers), and webdataset for bench-loader's
+baseline. Everything is installed with --no-deps, so nothing asks pip to resolve against a network.
 """
 from __future__ import annotations
 
@@ -34,21 +33,11 @@ WHEELS = [  # (requirement, index URL or None for the default index)
     ("nvidia-nvimgcodec-cu13==0.9.0.20", None),  # DALI 2.4 requires >=0.9,<0.10 (see NVIDIA/nvImageCodec#55)
     ("nvidia-nvjpeg==13.3.2.43", None),
     ("nvidia-libnvcomp-cu13==5.3.0.16", None),
-    ("astunparse==1.6.3", None), ("wheel==0.45.1", None), ("gast==0.6.0", None), ("six==1.17.0", None),
-    ("optree==0.17.0", None), ("packaging==25.0", None), ("nvtx==0.2.13", None), ("makefun==1.16.0", None),
-    ("libcst==1.8.5", None), ("pyyaml==6.0.3", None), ("typing-extensions==4.15.0", None),
-    ("numpy==2.3.4", None), ("pillow==12.0.0", None), ("tqdm==4.67.1", None), ("fsspec==2025.10.0", None),
-    ("pytest==8.4.2", None), ("pluggy==1.6.0", None), ("iniconfig==2.3.0", None), ("pygments==2.19.2", None),
-    ("pytest-timeout==2.4.0", None),
+    ("astunparse==1.6.3", None), ("gast==0.6.0", None), ("optree==0.17.0", None), ("nvtx==0.2.13", None),
+    ("makefun==1.16.0", None), ("libcst==1.8.5", None),
     ("webdataset==1.0.2", None), ("braceexpand==0.1.7", None),
-    ("timm==1.0.29", None),
-    # the benchmark and test data are crops of scikit-learn's two sample photos (benchmarks/datasets.py)
-    ("scikit-learn==1.9.1", None), ("scipy==1.17.1", None), ("joblib==1.6.0", None), ("threadpoolctl==3.8.0", None),
-    # torch 2.11's torchvision; PyPI's Linux build is the CUDA 13 one, as the machine's torch (download.pytorch.org
-    # cannot be reached from here). torchvision checks at import that both were built for the same CUDA major.
-    ("torchvision==0.26.0", None),
 ]
-PART_MIB = 60
+PART_MIB = 62  # + the repository (~1 MiB) < a call's 64 MiB
 
 
 def download(dest: Path) -> list[Path]:

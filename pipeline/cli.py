@@ -21,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench-loader": ("stagewise.benchmarks.bench_loader", "benchmark the DALI loader against webdataset + torchvision"),
     "bench-progressive": ("stagewise.benchmarks.bench_progressive", "time to accuracy: progressive learning vs fixed-size training"),
     "schedule": ("stagewise.train.schedule_cli", "print the per-stage progressive-learning plan of a preset"),
-    "train": ("stagewise.train.cli", "train a model on shards (same as `python -m train`)"),
+    "train": ("stagewise.train.cli", "train a model on shards (same as `python -m stagewise.train`)"),
 }
 
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stagewise.benchmarks.datasets import write_photo_tree  # noqa: F401 - the tests' photo trees
-
 # Solid colours, one per class, far apart so that decoding, cropping, mixing
 # and JPEG loss never make one class look like another.
 PALETTE = [

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stagewise.benchmarks.datasets import mosaic, photo  # noqa: F401 - real photo crops, shared
+from stagewise.benchmarks.datasets import photo
 
 
 @dataclass(frozen=True)

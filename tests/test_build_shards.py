@@ -22,8 +22,9 @@ from stagewise.pipeline.build_shards import _start_method, build_shards, parse_s
 from stagewise.pipeline.cli import main as cli
 from stagewise.pipeline.imagefix import reencode_path
 from stagewise.shards import Sample, ShardWriter, iter_samples, make_key, open_split, read_index, read_manifest
-from tests.conftest import write_photo_tree, write_solid_tree
-from tests.quirks import BOMB_LIMIT, photo, write_quirk_tree
+from tests.conftest import write_solid_tree
+from stagewise.benchmarks.datasets import photo, write_photo_tree
+from tests.quirks import BOMB_LIMIT, write_quirk_tree
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -79,7 +79,7 @@ def test_imagenet_tree_to_s3_accounts_for_every_file(imagenet_1000, s3_bucket, c
 
 
 def test_verify_catches_a_shard_corrupted_in_the_bucket(s3_bucket, tmp_path, capsys):
-    from tests.conftest import write_photo_tree
+    from stagewise.benchmarks.datasets import write_photo_tree
 
     write_photo_tree(tmp_path / "src", num_classes=2, per_class=6)
     dest = f"{s3_bucket}/ds"

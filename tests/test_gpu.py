@@ -14,7 +14,7 @@ import torch
 from stagewise.loaders import AugmentSpec, EngineSpec, Loader, LoaderError, ReadSpec, StageParams
 from stagewise.loaders.graph import count_ops
 from stagewise.pipeline.build_shards import build_shards
-from tests.conftest import write_photo_tree
+from stagewise.benchmarks.datasets import write_photo_tree
 from tests.test_train_loop import TINY, records
 from stagewise.train import config
 from stagewise.train.loop import train

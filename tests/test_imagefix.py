@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from stagewise.pipeline.imagefix import normalize_image
-from tests.quirks import mosaic
+from stagewise.benchmarks.datasets import mosaic
 
 
 def _jpeg(im: Image.Image, quality: int = 95, **save: object) -> bytes:

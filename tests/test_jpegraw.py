@@ -14,7 +14,7 @@ from PIL import Image
 
 from stagewise.pipeline import imagefix
 from stagewise.pipeline.imagefix import Rejected, normalize_image
-from tests.quirks import mosaic, photo
+from stagewise.benchmarks.datasets import mosaic, photo
 
 jpegraw = imagefix._jpegraw
 built = pytest.mark.skipif(jpegraw is None, reason="pipeline._jpegraw was not built (no C compiler or libjpeg headers)")

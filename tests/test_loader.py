@@ -11,7 +11,8 @@ from PIL import Image
 from stagewise.loaders import AugmentSpec, EngineSpec, Loader, ReadSpec, StageParams
 from stagewise.loaders.feed import FLIP_STREAM, batch_rng
 from stagewise.pipeline.build_shards import build_shards
-from tests.conftest import PALETTE, build_tree_shards, write_photo_tree, write_solid_tree
+from tests.conftest import PALETTE, build_tree_shards, write_solid_tree
+from stagewise.benchmarks.datasets import write_photo_tree
 from tests.test_loader_support import (
     pixel_means, sample_ids, take, unique_sample, write_samples, write_unique_tree,
 )

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import build_tree_shards, write_photo_tree
+from tests.conftest import build_tree_shards
+from stagewise.benchmarks.datasets import write_photo_tree
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ from stagewise.loaders.randaugment import KERNELS
 from stagewise.shards import iter_samples, open_split
 from stagewise.shards.jpeg import read_frame_header
 from stagewise.loaders.shard_stream import Item
-from tests.conftest import build_tree_shards, write_photo_tree
+from tests.conftest import build_tree_shards
+from stagewise.benchmarks.datasets import write_photo_tree
 
 BATCH = 48
 AUGMENT = AugmentSpec(randaug_layers=2)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 
 from stagewise.benchmarks.parity import compare
-from tests.conftest import build_tree_shards, write_photo_tree
+from tests.conftest import build_tree_shards
+from stagewise.benchmarks.datasets import write_photo_tree
 
 
 @pytest.fixture(scope="module")

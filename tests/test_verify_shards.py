@@ -18,7 +18,7 @@ import pytest
 from stagewise.pipeline.build_shards import build_shards
 from stagewise.pipeline.cli import main as cli
 from stagewise.shards import read_manifest, write_manifest
-from tests.conftest import write_photo_tree
+from stagewise.benchmarks.datasets import write_photo_tree
 
 SHARD = "train-000001.tar"
 

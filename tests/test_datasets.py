@@ -156,12 +156,25 @@ def test_folded_writers_still_write_what_they_wrote(saved, tmp_path):
     assert [a.mean() for _, a in saved] == pytest.approx([m for _, m in CROP_TREE_MEANS], abs=0.5)
 
 
-def test_the_tests_and_bench_build_use_the_generator():
-    from stagewise.benchmarks import bench_build
-    from tests import conftest, quirks
+def test_the_generator_is_the_only_image_writer():
+    """No test helper or benchmark grows its own copy of the photo writers again (issue 11: there were four)."""
+    import ast
 
-    assert conftest.write_photo_tree is write_photo_tree
-    assert quirks.photo is photo and quirks.mosaic is mosaic
+    from stagewise.benchmarks import bench_build
+    from tests import quirks
+
+    names = {"write_photo_tree", "photo", "mosaic", "make_input", "write_crop_tree"}
+    repo = Path(__file__).resolve().parents[1]
+    defined = []
+    for path in sorted(repo.rglob("*.py")):
+        rel = path.relative_to(repo)
+        if rel.parts[0].startswith(".") or rel.parts[0] in {"build", "docker"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(rel))):
+            if isinstance(node, ast.FunctionDef) and node.name in names:
+                defined.append(f"{rel}:{node.name}")
+    assert sorted(defined) == sorted(f"benchmarks/datasets.py:{n}" for n in names)
+    assert quirks.photo is photo
     assert bench_build.make_input is make_input
 
 

@@ -32,7 +32,8 @@ class DataConfig:
     val_split: str = _f("val", "split to evaluate on at stage ends; '' = no evaluation")
     device: str = _f("auto", "where the loader decodes: auto (= run.device) | cuda | cpu")
     num_threads: int = _f(0, "loader threads per process; 0 = the loader's default")
-    eval_size: int = _f(0, "test image size, px; 0 = the variant's (paper: S 384, M/L 480)")
+    eval_size: int = _f(0, "test image size, px; 0 = the variant's test/train ratio x the final train size "
+                              "(S at 300: 384, paper Table 6)")
     eval_crop_pct: float = _f(0.0, "test center-crop fraction; 0 = the variant's (1.0 for S/M/L)")
     eval_batch_size: int = _f(0, "global eval batch; 0 = the training batch")
     mean: tuple[float, float, float] = _f((0.5, 0.5, 0.5), "normalization mean on the 0..1 scale (official V2: 0.5)")

@@ -134,13 +134,12 @@ def setup(cfg: Config, d: distributed.Dist, tel: Telemetry, print_config: bool) 
     total_steps = max_steps or sum(sp.steps for sp in stages)
     tel.print(f"data: {split.num_samples} {cfg.data.train_split} images, {split.num_classes} classes"
               f"{' (multi-label)' if split.info.multi_label else ''}; {d.world_size} process(es) on {d.device}, "
-              f"global batch {batch}; {len(stages)} stages over {epochs} epochs ({cfg.schedule.kind})")
-    if variant is not None and preset.min_size < 2 * variant.stride:
-        side = max(1, preset.min_size // variant.stride)
+              f"global batch {batch}; {len(stages)} stage{'s' * (len(stages) != 1)} over {epochs} epochs "
+              f"({cfg.schedule.kind})")
+    if variant is not None and preset.min_size <= variant.stride:  # padded stride-2 convs round up: ceil(size / 32)
         tel.print(f"note: the first stage trains at {preset.min_size} px, where {cfg.model.name}'s last feature maps "
-                  f"are {side}x{side}: the outer taps of their kernels see no data there, and such weights carry "
-                  f"badly to larger sizes (docs/training.md); start at >= {2 * variant.stride} px "
-                  f"(schedule.min_size)")
+                  f"are 1x1: the outer taps of their kernels see only padding there, and such weights carry badly "
+                  f"to larger sizes (docs/training.md); start above {variant.stride} px (schedule.min_size)")
 
     # --- model, EMA, optimizer
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank

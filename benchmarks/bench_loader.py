@@ -14,8 +14,14 @@ Per batch, for our side (medians over rounds; the loader's own accounting, `Load
 - hand-over: its CPU ms in `outputs()`, the DLPack hand-over and the targets;
 - other: the rest of the consuming thread's CPU (the runner's bookkeeping, and opening each
   epoch: its plan and shard stream, which this benchmark's small datasets do every few batches);
-- consumer: all of the consuming thread's CPU per batch, and the ceiling it implies,
-  batch / consumer in img/s;
+- consumer: all of the consuming thread's CPU per batch, pulling as fast as it can;
+- ready: the same when each batch is ready before it is pulled, as in a trainer whose step
+  takes longer than the loader's batch: every round also pulls `--batches` batches, each
+  after a pause of 1.5x the round's wall time per batch (a sleep, outside the timing). A
+  thread that pulls from a loader still working spends CPU inside `outputs()` while it
+  waits (measured: 1.5-2.3 ms per batch of 256 at 128 px on 2 cores, 0.7 ms when ready),
+  so `consumer` is the starved case and `ready` the loader's own cost; the ceiling,
+  batch / ready in img/s, is what this thread alone would allow;
 - wait: wall ms inside `outputs()` (DALI still working);
 - DALI CPU: CPU ms of every other thread of the process (DALI's workers), i.e. the
   process's CPU time less the consuming thread's and the shard readers';
@@ -43,7 +49,8 @@ import numpy as np
 import torch
 
 WORKER_START_S = 120  # the baseline's first batch includes spawning workers
-COLUMNS = ("assemble", "draw", "feed", "handover", "other", "consumer", "wait", "dali_cpu")  # ms per batch, ours
+COLUMNS = ("assemble", "draw", "feed", "handover", "other", "consumer", "ready", "ready_handover", "wait",
+           "dali_cpu")  # ms per batch, ours
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         ours, base, parts = [], [], []
         for _ in range(args.rounds):
             rate, part = _our_round(loader, ours_stream, args)
+            part.update(_ready_round(loader, ours_stream, args, pause_s=1.5 * args.batch_size / rate))
             ours.append(rate)
             parts.append(part)
             if baseline is None:
@@ -125,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             values = [p[column] for p in parts]
             row[f"{column}_ms"] = round(float(np.median(values)), 3)
             row[f"{column}_ms_range"] = [round(min(values), 3), round(max(values), 3)]
-        row["ceiling_img_s"] = round(args.batch_size / row["consumer_ms"] * 1e3, 1)
+        row["ceiling_img_s"] = round(args.batch_size / row["ready_ms"] * 1e3, 1)
         row["ops"], row["gpu_graph_ops"] = ops, gpu_ops
         row["engine"] = {k: v for k, v in vars(engine).items() if v is not None}
         rows.append(row)
@@ -163,15 +171,17 @@ def run(args: argparse.Namespace) -> int:
               f"{_ranged(r['baseline_img_s'], r['baseline_range'], 1):>20} "
               f"{_ranged(r['ratio'], r['ratio_range'], 2, 'x'):>18}")
     print()
-    print(f"our side, ms per batch of {args.batch_size} (medians over rounds): consuming thread's CPU, "
+    print(f"our side, ms per batch of {args.batch_size} (medians over rounds): consuming thread's CPU pulling "
+          f"as fast as it can, and with each batch ready (ready, ready hand-over; ceiling = batch / ready), "
           f"wall time waiting in outputs(), CPU of DALI's threads; graph operators: "
           f"{ops} here, {gpu_ops} in the GPU graph")
     print(f"{'size':>5} {'assemble':>9} {'draw':>6} {'feed':>6} {'hand-over':>10} {'other':>6} {'consumer':>9} "
-          f"{'ceiling img/s':>14} {'wait':>8} {'DALI CPU':>9}")
+          f"{'ready':>6} {'ready hand-over':>16} {'ceiling img/s':>14} {'wait':>8} {'DALI CPU':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['assemble_ms']:>9.2f} {r['draw_ms']:>6.2f} {r['feed_ms']:>6.2f} "
-              f"{r['handover_ms']:>10.2f} {r['other_ms']:>6.2f} {r['consumer_ms']:>9.2f} {r['ceiling_img_s']:>14.0f} "
-              f"{r['wait_ms']:>8.1f} {r['dali_cpu_ms']:>9.1f}")
+              f"{r['handover_ms']:>10.2f} {r['other_ms']:>6.2f} {r['consumer_ms']:>9.2f} {r['ready_ms']:>6.2f} "
+              f"{r['ready_handover_ms']:>16.2f} {r['ceiling_img_s']:>14.0f} {r['wait_ms']:>8.1f} "
+              f"{r['dali_cpu_ms']:>9.1f}")
     for section in extra:
         print()
         print(section)
@@ -209,6 +219,21 @@ def _our_round(loader, stream, args) -> tuple[float, dict]:
     part = {"assemble": stats.assemble, "draw": stats.draw, "feed": stats.feed, "handover": stats.handover,
             "other": max(consumer - parts, 0.0), "consumer": consumer, "wait": stats.wait, "dali_cpu": max(dali, 0.0)}
     return images / elapsed, {k: v / n * 1e3 for k, v in part.items()}
+
+
+def _ready_round(loader, stream, args, pause_s: float) -> dict:
+    """The consuming thread's CPU per pull (ms) when each batch is ready: a pause before every pull, untimed."""
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+    stats = loader.stats
+    stats.reset()
+    cpu = 0.0
+    for _ in range(args.batches):
+        time.sleep(pause_s)  # a trainer's step: the loader finishes the batches in flight meanwhile
+        start = time.thread_time()
+        next(stream)
+        cpu += time.thread_time() - start
+    return {"ready": cpu / args.batches * 1e3, "ready_handover": stats.handover / args.batches * 1e3}
 
 
 def _rate(stream, batches: int, warmup: int, batch_size: int, device: str = "cpu") -> float:

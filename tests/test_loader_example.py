@@ -50,7 +50,8 @@ def test_bench_loader_prints_the_ratio_and_the_per_batch_columns_as_json(photos)
         parts = [r[f"{k}_ms"] for k in ("assemble", "draw", "feed", "handover")]
         assert all(p > 0 for p in parts) and r["consumer_ms"] >= sum(parts) - 0.01
         assert r["consumer_ms"] == pytest.approx(sum(parts) + r["other_ms"], abs=0.01)
-        assert r["ceiling_img_s"] == pytest.approx(4 / r["consumer_ms"] * 1e3, rel=0.01)
+        assert 0 < r["ready_ms"] and 0 < r["ready_handover_ms"] < r["ready_ms"]
+        assert r["ceiling_img_s"] == pytest.approx(4 / r["ready_ms"] * 1e3, rel=0.01)
         assert r["wait_ms"] >= 0 and r["dali_cpu_ms"] > 0
         assert r["ops"] > r["gpu_graph_ops"] > 0 and r["gpu_graph_ops"] <= 100
         assert r["mixup"] == 0.2 and r["batch"] == 4 and len(r["load_average"]) == 2

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--val-per-class", type=int, default=40)
     t.add_argument("--size", type=int, default=PATCH, help="patch side, px")
     t.add_argument("--seed", type=int, default=0)
-    c = sub.add_parser("crops", help="same-size photo crops in class folders (formerly benchmarks/photo_tree.py)")
+    c = sub.add_parser("crops", help="same-size photo crops in class folders")
     c.add_argument("dir")
     c.add_argument("--count", type=int, default=5000)
     c.add_argument("--start", type=int, default=0, help="first image number (parallel writers into one tree)")

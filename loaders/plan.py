@@ -34,10 +34,6 @@ class EpochPlan:
     num_batches: int
     batch_size: int
 
-    @property
-    def num_inputs(self) -> int:
-        return sum(stop - start for _, start, stop in self.segments)
-
     def locate(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(segment index, sample index inside the shard) of each input index."""
         starts = np.cumsum([0] + [stop - start for _, start, stop in self.segments])

@@ -31,10 +31,11 @@ import numpy as np
 from stagewise.shards import IMAGE_EXT, LABEL_EXT, META_EXT, SampleError, decode_label, decode_meta, targets_from_meta
 from stagewise.shards.index import parse_index
 from stagewise.shards.jpeg import read_frame_header
+from stagewise.shards.tar import split_member_name
 from stagewise.loaders.plan import EpochPlan
 
 RUN_SAMPLES = 32  # samples per ranged read (~3 MB of 100 KB JPEGs: one GET)
-INDEX_CACHE = 64  # parsed .idx files kept per reader
+INDEX_CACHE = 64  # parsed .idx files kept per stream
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, SampleError, ValueError)
 
 
@@ -255,7 +256,7 @@ class ShardStream:
 
     def _item(self, url: str, members: dict, data: bytes, base: int) -> Item | Fault:
         name = next(iter(members.values()))[2]
-        key = name.rsplit(".", 1)[0]
+        key = (split_member_name(name) or (name, ""))[0]  # webdataset's rule: the key ends at the first dot
 
         def payload(ext: str) -> bytes:
             off, size, _ = members[ext]

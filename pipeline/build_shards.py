@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 
 from stagewise.pipeline import plan as planning
-from stagewise.pipeline.imagefix import DEFAULT_MAX_PIXELS
+from stagewise.shards.jpeg import DEFAULT_MAX_PIXELS
 from stagewise.pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, scan_imagenet21k
 from stagewise.pipeline.plan import (DEFAULT_SHARD_BYTES, EncodeOptions, ShardResult, ShardTask, build_one,
                                      carve_holdout, finished_result, plan_shards, random_holdout)

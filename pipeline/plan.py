@@ -17,7 +17,8 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from stagewise.pipeline.imagefix import DEFAULT_MAX_PIXELS, Rejected, normalize_image
+from stagewise.pipeline.imagefix import Rejected, normalize_image
+from stagewise.shards.jpeg import DEFAULT_MAX_PIXELS
 from stagewise.pipeline.sources import InputFile
 from stagewise.shards import Sample, ShardInfo, ShardWriter, index_name, journal_name, make_key, shard_name
 from stagewise.shards.store import is_local, join_url, local_path, open_url, publish_file, url_exists, write_atomic

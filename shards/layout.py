@@ -14,7 +14,8 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}{SHARD_SUFFIX}"
 
 
-_SHARD_FILE = re.compile(r"^(?P<split>.+)-(?P<index>\d{6})(?P<suffix>\.tar|\.idx)$")
+_SHARD_FILE = re.compile(rf"^(?P<split>.+)-(?P<index>\d{{6}})"
+                         rf"(?P<suffix>{re.escape(SHARD_SUFFIX)}|{re.escape(INDEX_SUFFIX)})$")
 
 
 def parse_shard_name(name: str) -> tuple[str, int, str] | None:

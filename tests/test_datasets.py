@@ -123,8 +123,8 @@ def _digest(items) -> str:  # noqa: ANN001
     return h.hexdigest()[:16]
 
 
-# Recorded from tests/conftest.py, tests/quirks.py, bench_build.make_input and benchmarks/photo_tree.py as
-# they were before they moved here (scikit-learn's photos; numpy's default_rng streams). The plain crops
+# Recorded from tests/conftest.py, tests/quirks.py, bench_build.make_input and the photo-tree module as
+# they were before they moved here (before 1aa32f4) (scikit-learn's photos; numpy's default_rng streams). The plain crops
 # are compared pixel for pixel; the resampled ones by their mean, which a different Pillow build's
 # resampling may nudge but a different crop would not keep.
 PHOTO_TREE_DIGEST = "000e431cc7000eab"

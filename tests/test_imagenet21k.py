@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from stagewise.benchmarks.datasets import photo
 from stagewise.pipeline.build_shards import build_shards
 from stagewise.pipeline.cli import main as cli
 from stagewise.pipeline.imagenet21k import find_units, hash_units, merge_bucket, scan_imagenet21k
@@ -24,14 +24,10 @@ SYNSETS = ("n00000101", "n00000202", "n00000303", "n00000404", "n00000505")
 
 
 def _jpeg(rng: np.random.Generator, size: tuple[int, int] | None = None) -> bytes:
-    """A real photo crop (scikit-learn's sample images) as a baseline JPEG."""
-    from sklearn.datasets import load_sample_images
-
-    photo = load_sample_images().images[int(rng.integers(0, 2))]
+    """A real photo crop (the shared generator's) as a baseline JPEG."""
     w, h = size or (int(rng.integers(48, 120)), int(rng.integers(48, 120)))
-    y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
     out = io.BytesIO()
-    Image.fromarray(photo[y : y + h, x : x + w]).save(out, "JPEG", quality=85)
+    photo(int(rng.integers(0, 2**31)), (w, h)).save(out, "JPEG", quality=85)
     return out.getvalue()
 
 

@@ -288,11 +288,6 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(getattr(cfg, section) if section else cfg, name, value)
 
 
-def get_key(cfg: Config, key: str) -> Any:
-    section, _, name = key.rpartition(".")
-    return getattr(getattr(cfg, section) if section else cfg, name)
-
-
 # --- Files ----------------------------------------------------------------------------
 
 

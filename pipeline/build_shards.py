@@ -25,6 +25,7 @@ from stagewise.pipeline.plan import (DEFAULT_SHARD_BYTES, EncodeOptions, ShardRe
 from stagewise.pipeline.ray_executor import run_on_ray
 from stagewise.pipeline.sources import Scan, read_class_list, scan_class_tree, scan_imagenet
 from stagewise.shards import SplitInfo, parse_shard_name, rejects_name, shard_name
+from stagewise.shards.layout import is_split_temp
 from stagewise.shards.manifest import Manifest, read_manifest_or_none, write_manifest
 from stagewise.shards.store import is_local, join_url, list_names, local_path, makedirs, remove_url, write_atomic
 
@@ -137,7 +138,7 @@ def _remove_stale_temp_files(dest: str, split: str) -> None:
     """Temporary shards of a run that was killed (remote stores never see them)."""
     if is_local(dest):
         for name in list_names(dest):
-            if name.startswith(f".{split}-") and ".tmp-" in name:
+            if is_split_temp(name, split):
                 os.unlink(os.path.join(local_path(dest), name))
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import tempfile
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -21,7 +20,9 @@ from stagewise.pipeline.imagefix import Rejected, normalize_image
 from stagewise.shards.jpeg import DEFAULT_MAX_PIXELS
 from stagewise.pipeline.sources import InputFile
 from stagewise.shards import Sample, ShardInfo, ShardWriter, index_name, journal_name, make_key, shard_name
-from stagewise.shards.store import is_local, join_url, local_path, open_url, publish_file, url_exists, write_atomic
+from stagewise.shards.layout import temp_name
+from stagewise.shards.store import (is_local, join_url, local_path, open_url, publish_file, sha256_of, url_exists,
+                                    write_atomic)
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 
@@ -82,7 +83,7 @@ def _temp_path(task: ShardTask) -> str:
     if is_local(task.dest):
         folder = local_path(task.dest)
         os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, f".{task.name}.tmp-{uuid.uuid4().hex}")  # same file system: rename is atomic
+        return os.path.join(folder, temp_name(task.name, hidden=True))  # same file system: rename is atomic
     fd, path = tempfile.mkstemp(suffix=".tar")
     os.close(fd)
     return path
@@ -135,14 +136,6 @@ def build_one(task: ShardTask) -> ShardResult:
     return result
 
 
-def _sha256_of(url: str) -> str:
-    h = hashlib.sha256()
-    with open_url(url, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def finished_result(task: ShardTask) -> ShardResult | None:
     """The journalled result of `task` if its shard is complete and verified, else None."""
     record_url = join_url(task.dest, journal_name(task.name))
@@ -158,7 +151,7 @@ def finished_result(task: ShardTask) -> ShardResult | None:
         shard_url = join_url(task.dest, info.name)
         if not (url_exists(shard_url) and url_exists(join_url(task.dest, index_name(info.name)))):
             return None
-        if _sha256_of(shard_url) != info.sha256:
+        if sha256_of(shard_url) != info.sha256:
             return None
     result = ShardResult(name=task.name, info=info, **{k: v for k, v in record.items() if k not in ("name", "resumed")})
     result.rejects = [tuple(r) for r in result.rejects]  # type: ignore[misc]

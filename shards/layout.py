@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".tar"
 INDEX_SUFFIX = ".idx"  # DALI wds2idx format, one beside each shard
 JOURNAL_DIR = "_journal"  # per-shard completion records, for resumable builds
+
+
+TEMP_MARK = ".tmp-"  # a file being written: `<name>.tmp-<hex>` or `.<name>.tmp-<hex>`; never part of a dataset
+
+
+def temp_name(name: str, hidden: bool = False) -> str:
+    """A unique temporary name for writing `name` in the same folder (`hidden`: a leading dot)."""
+    return f"{'.' if hidden else ''}{name}{TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def is_split_temp(name: str, split: str) -> bool:
+    """A hidden temporary file of one of `split`'s shards (left behind by a killed build)."""
+    return name.startswith(f".{split}-") and TEMP_MARK in name
 
 
 def shard_name(split: str, index: int) -> str:

@@ -10,12 +10,14 @@ through `write_atomic` / `publish_file`.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-import uuid
 from collections.abc import Callable
 from typing import IO
 
 import fsspec
+
+from stagewise.shards.layout import temp_name
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -89,7 +91,7 @@ def write_atomic(url: str, data: bytes | Callable[[IO[bytes]], None]) -> None:
         return
     target = local_path(url)
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = f"{target}.tmp-{uuid.uuid4().hex}"  # same folder, so the rename cannot cross file systems
+    tmp = os.path.join(os.path.dirname(target), temp_name(os.path.basename(target)))  # same folder: no cross-fs rename
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -99,6 +101,15 @@ def write_atomic(url: str, data: bytes | Callable[[IO[bytes]], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sha256_of(url: str) -> str:
+    """Hex sha256 of the object at `url`, streamed in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open_url(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def remove_url(url: str) -> None:

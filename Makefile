@@ -13,7 +13,7 @@ install: $(STAMP)
 # pillow-simd goes in last, over Pillow's PIL/ folder, with --no-deps so that
 # nothing pulls Pillow back. Never `pip uninstall pillow` afterwards: it deletes
 # the shared PIL/ folder. A failed build keeps plain Pillow.
-$(STAMP): pyproject.toml Makefile pipeline/_jpegraw.c
+$(STAMP): pyproject.toml Makefile pipeline/_jpegraw.c loaders/_cropdecode.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[s3,dali,ray,dev]'
 	CC="cc $$(grep -qw avx2 /proc/cpuinfo && echo -mavx2)" \

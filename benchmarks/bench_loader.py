@@ -22,9 +22,11 @@ Per batch, for our side (medians over rounds; the loader's own accounting, `Load
   waits (measured: 1.5-2.3 ms per batch of 256 at 128 px on 2 cores, 0.7 ms when ready),
   so `consumer` is the starved case and `ready` the loader's own cost; the ceiling,
   batch / ready in img/s, is what this thread alone would allow;
-- wait: wall ms inside `outputs()` (DALI still working);
+- wait: wall ms inside `outputs()` (DALI still working) and waiting for the host decoder;
+- host decode: CPU ms of the host decoder's threads (crop-decode-resize in C, loaders/hostdecode.py;
+  the CPU default where it is built, `--host-decode off` for DALI's decoder);
 - DALI CPU: CPU ms of every other thread of the process (DALI's workers), i.e. the
-  process's CPU time less the consuming thread's and the shard readers';
+  process's CPU time less the consuming thread's, the shard readers' and the host decoder's;
 - ops: operators in the loader's DALI graph (`graph.count_ops`), and in the GPU graph.
 
 Caveat: `--magnitude m` is the reference (TF) scale for us and a bin out of 31 for
@@ -50,7 +52,7 @@ import torch
 
 WORKER_START_S = 120  # the baseline's first batch includes spawning workers
 COLUMNS = ("assemble", "draw", "feed", "handover", "other", "consumer", "ready", "ready_handover", "wait",
-           "dali_cpu")  # ms per batch, ours
+           "host_cpu", "dali_cpu")  # ms per batch, ours
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hw-decoder-load", type=float, default=None, help="GPU: EngineSpec.hw_decoder_load")
     parser.add_argument("--branchless", choices=["auto", "on", "off"], default="auto",
                         help="RandAugment without conditionals (EngineSpec.branchless; auto: on GPU only)")
+    parser.add_argument("--host-decode", choices=["auto", "on", "off"], default="auto",
+                        help="CPU: crop-decode-resize on the host before DALI (EngineSpec.host_decode; auto: on CPU "
+                             "where loaders/_cropdecode.c is built), off: DALI's decoder and resize")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine = EngineSpec(concurrency=args.concurrency, stream_policy=args.stream_policy,
                         branchless={"auto": None, "on": True, "off": False}[args.branchless],
+                        host_decode={"auto": None, "on": True, "off": False}[args.host_decode],
                         **({} if args.hw_decoder_load is None else {"hw_decoder_load": args.hw_decoder_load}))
     loader = Loader(args.url, split=args.split, batch_size=args.batch_size, stage=stage_at(sizes[0]),
                     device=args.device, num_threads=threads, engine=engine)
@@ -173,15 +179,15 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"our side, ms per batch of {args.batch_size} (medians over rounds): consuming thread's CPU pulling "
           f"as fast as it can, and with each batch ready (ready, ready hand-over; ceiling = batch / ready), "
-          f"wall time waiting in outputs(), CPU of DALI's threads; graph operators: "
-          f"{ops} here, {gpu_ops} in the GPU graph")
+          f"wall time waiting, CPU of the host decoder's and of DALI's threads; graph operators: "
+          f"{ops} here, {gpu_ops} in the GPU graph; decoder: {'host' if loader.layout.host_decode else 'DALI'}")
     print(f"{'size':>5} {'assemble':>9} {'draw':>6} {'feed':>6} {'hand-over':>10} {'other':>6} {'consumer':>9} "
-          f"{'ready':>6} {'ready hand-over':>16} {'ceiling img/s':>14} {'wait':>8} {'DALI CPU':>9}")
+          f"{'ready':>6} {'ready hand-over':>16} {'ceiling img/s':>14} {'wait':>8} {'host decode':>12} {'DALI CPU':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['assemble_ms']:>9.2f} {r['draw_ms']:>6.2f} {r['feed_ms']:>6.2f} "
               f"{r['handover_ms']:>10.2f} {r['other_ms']:>6.2f} {r['consumer_ms']:>9.2f} {r['ready_ms']:>6.2f} "
               f"{r['ready_handover_ms']:>16.2f} {r['ceiling_img_s']:>14.0f} {r['wait_ms']:>8.1f} "
-              f"{r['dali_cpu_ms']:>9.1f}")
+              f"{r['host_cpu_ms']:>12.1f} {r['dali_cpu_ms']:>9.1f}")
     for section in extra:
         print()
         print(section)
@@ -203,7 +209,7 @@ def _our_round(loader, stream, args) -> tuple[float, dict]:
         next(stream)
     stats = loader.stats
     stats.reset()
-    process, reader = time.process_time(), loader.reader_cpu
+    process, reader, host = time.process_time(), loader.reader_cpu, loader.host_decode_cpu
     start, thread = time.perf_counter(), time.thread_time()
     images = 0
     for _ in range(args.batches):
@@ -215,9 +221,11 @@ def _our_round(loader, stream, args) -> tuple[float, dict]:
     elapsed = time.perf_counter() - start
     n = args.batches
     parts = stats.assemble + stats.draw + stats.feed + stats.handover
-    dali = (time.process_time() - process) - consumer - (loader.reader_cpu - reader)
+    host = loader.host_decode_cpu - host
+    dali = (time.process_time() - process) - consumer - (loader.reader_cpu - reader) - host
     part = {"assemble": stats.assemble, "draw": stats.draw, "feed": stats.feed, "handover": stats.handover,
-            "other": max(consumer - parts, 0.0), "consumer": consumer, "wait": stats.wait, "dali_cpu": max(dali, 0.0)}
+            "other": max(consumer - parts, 0.0), "consumer": consumer, "wait": stats.wait, "host_cpu": host,
+            "dali_cpu": max(dali, 0.0)}
     return images / elapsed, {k: v / n * 1e3 for k, v in part.items()}
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stagewise.loaders.crop import center_crop, center_region, random_resized_crop, with_margin
-from stagewise.loaders.graph import Layout
+from stagewise.loaders.graph import INPUT_LAYOUTS, Layout
 from stagewise.loaders.mixup import MIX_STREAM, MixParams, draw_mix, mix_feeds
 from stagewise.loaders.params import StageParams
 from stagewise.loaders.randaugment import branchless_inputs, sample_slots, tree_inputs
@@ -35,6 +35,7 @@ def batch_rng(seed: int, epoch: int, batch: int, stream: int) -> np.random.Gener
 class Drawn:
     inputs: dict[str, object]  # input name -> array (jpg: a list of arrays), as fed
     mix: MixParams | None  # train: the batch's mix draw, for the targets
+    regions: np.ndarray | None = None  # host decode: float64 [N, 4] (y0, x0, y1, x1) per sample, x1 < x0 mirrors
 
 
 _SIZES: dict[tuple[int, int], np.ndarray] = {}
@@ -58,17 +59,63 @@ def draw_batch(items: list[Item], *, augment: AugmentSpec, layout: Layout, stage
     sizes = np.empty((n, 2), np.int64)
     sizes[:, 0] = [it.height for it in items]
     sizes[:, 1] = [it.width for it in items]
-    jpgs = [it.view for it in items]  # DALI tensors the shard stream made in its threads (`dali_view`)
-    if any(view is None for view in jpgs):
-        jpgs = [np.frombuffer(it.jpg, np.uint8) for it in items]
-    inputs: dict[str, object] = {"jpg": jpgs, "size": _size_input(n, size)}
+    inputs: dict[str, object] = {"size": _size_input(n, size)}
+    regions = None
+    if layout.host_decode:
+        regions = _host_regions(sizes, augment, layout, size, seed, epoch, batch)
+    else:
+        jpgs = [it.view for it in items]  # DALI tensors the shard stream made in its threads (`dali_view`)
+        if any(view is None for view in jpgs):
+            jpgs = [np.frombuffer(it.jpg, np.uint8) for it in items]
+        inputs["jpg"] = jpgs
+        _dali_regions(inputs, sizes, augment, layout, size, seed, epoch, batch)
+    mix = None
     if layout.train:
-        windows = random_resized_crop(batch_rng(seed, epoch, batch, CROP_STREAM), sizes, augment.scale, augment.ratio)
+        layers = augment.randaug_layers or 0
+        if layers:
+            slots = sample_slots(batch_rng(seed, epoch, batch, RANDAUG_STREAM), n, layers, stage.randaug_ops,
+                                 stage.randaug_magnitude, size, augment.randaug)
+            if layout.branchless:
+                inputs.update(branchless_inputs(slots, size))
+            else:
+                for k, params in enumerate(slots):
+                    for field, array in tree_inputs(params, layout.compact).items():
+                        inputs[f"ra{k}_{field}"] = array
+        mix = draw_mix(batch_rng(seed, epoch, batch, MIX_STREAM), n, size, stage)
+        inputs.update(mix_feeds(mix, n, size, layout.branchless))
+    return Drawn(inputs, mix, regions)
+
+
+def _draw_windows(sizes: np.ndarray, augment: AugmentSpec, seed: int, epoch: int, batch: int):
+    """Train: the random-resized-crop windows (y, x, h, w) and the flip flags (0 or 1) of a batch."""
+    windows = random_resized_crop(batch_rng(seed, epoch, batch, CROP_STREAM), sizes, augment.scale, augment.ratio)
+    # Uniform draws in [0, 1) from the batch's own stream: 0 never mirrors, 1 always does, and the
+    # default 0.5 gives the same flags as before the option existed (checkpoints resume bit-exactly).
+    flips = (batch_rng(seed, epoch, batch, FLIP_STREAM).random(len(sizes)) < augment.hflip_prob).astype(np.float32)
+    return windows, flips
+
+
+def _host_regions(sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, seed: int, epoch: int,
+                  batch: int) -> np.ndarray:
+    """float64 [N, 4] (y0, x0, y1, x1) in source pixels, the same windows as the DALI path; x1 < x0 mirrors."""
+    if layout.train:
+        windows, flips = _draw_windows(sizes, augment, seed, epoch, batch)
+    elif augment.eval_geometry == "torchvision":
+        return center_region(sizes, size, augment.crop_pct)
+    else:
+        windows, flips = center_crop(sizes, size, augment.crop_pct), np.zeros(len(sizes), np.float32)
+    start, end = _region(windows, flips, relative=False)
+    return np.concatenate([start, end], axis=1).astype(np.float64)
+
+
+def _dali_regions(inputs: dict, sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, seed: int,
+                  epoch: int, batch: int) -> None:
+    """The DALI decoder's window and the resize's region inputs."""
+    n = len(sizes)
+    if layout.train:
+        windows, flips = _draw_windows(sizes, augment, seed, epoch, batch)
         if layout.roi_decode:
             inputs["window"] = windows
-        # Uniform draws in [0, 1) from the batch's own stream: 0 never mirrors, 1 always does, and the
-        # default 0.5 gives the same flags as before the option existed (checkpoints resume bit-exactly).
-        flips = (batch_rng(seed, epoch, batch, FLIP_STREAM).random(n) < augment.hflip_prob).astype(np.float32)
         inputs["crop_start"], inputs["crop_end"] = _region(windows, flips, layout.roi_decode)
     elif augment.eval_geometry == "torchvision":  # the exact region, in pixels of the decoded window or image
         region = center_region(sizes, size, augment.crop_pct)
@@ -84,21 +131,6 @@ def draw_batch(items: list[Item], *, augment: AugmentSpec, layout: Layout, stage
             inputs["window"] = windows
         else:
             inputs["crop_start"], inputs["crop_end"] = _region(windows, np.zeros(n, np.float32), False)
-    mix = None
-    if layout.train:
-        layers = augment.randaug_layers or 0
-        if layers:
-            slots = sample_slots(batch_rng(seed, epoch, batch, RANDAUG_STREAM), n, layers, stage.randaug_ops,
-                                 stage.randaug_magnitude, size, augment.randaug)
-            if layout.branchless:
-                inputs.update(branchless_inputs(slots, size))
-            else:
-                for k, params in enumerate(slots):
-                    for field, array in tree_inputs(params, layout.compact).items():
-                        inputs[f"ra{k}_{field}"] = array
-        mix = draw_mix(batch_rng(seed, epoch, batch, MIX_STREAM), n, size, stage)
-        inputs.update(mix_feeds(mix, n, size, layout.branchless))
-    return Drawn(inputs, mix)
 
 
 def _region(windows: np.ndarray, flips: np.ndarray, relative: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +189,7 @@ class Feeder:
                     data = [tensor(x, "") for x in data]
                 self._list(name, data, None, False)
             else:
-                self._tl(name, self._TensorListCPU(data, ""), None, False)
+                self._tl(name, self._TensorListCPU(data, INPUT_LAYOUTS.get(name, "")), None, False)
 
 
 def feed(pipe, names: list[str], inputs: dict[str, object]) -> None:

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
-from stagewise.loaders import ops
+from stagewise.loaders import hostdecode, ops
 from stagewise.loaders.randaugment import input_names as randaug_input_names
 from stagewise.loaders.spec import AugmentSpec, EngineSpec
 
+INPUT_LAYOUTS = {"img": "HWC"}  # inputs whose tensors carry a layout (the Feeder sets it; DALI's ops check it)
 KNOWN_BAD_NVIMGCODEC = ((0, 9),)  # (major, minor) whose GPU ROI decode crashes or fails: NVIDIA/nvImageCodec#55
 
 
@@ -43,6 +44,7 @@ class Layout:
     branchless: bool  # RandAugment and mixing without conditionals (every kernel on the whole batch, then a pick)
     roi_decode: bool  # decode only the crop window (fn.decoders.image_slice); else the whole image
     compact: bool  # the compact formulas (randaugment.py); the GPU graph's, also buildable in CPU mode for tests
+    host_decode: bool = False  # CPU: the graph starts from images cropped and resized on the host (hostdecode.py)
 
     @property
     def conditionals(self) -> bool:
@@ -74,12 +76,23 @@ def layout_for(*, train: bool, gpu: bool, engine: EngineSpec) -> Layout:
     else:
         roi_decode = engine.roi_decode
     branchless = branchless and train
-    return Layout(train=train, gpu=gpu, branchless=branchless, roi_decode=roi_decode, compact=gpu or branchless)
+    if engine.host_decode and gpu:
+        raise ValueError("EngineSpec.host_decode=True: the host decoder is for DALI's CPU mode; on the GPU "
+                         "nvJPEG decodes (leave host_decode=None)")
+    if engine.host_decode and not hostdecode.AVAILABLE:
+        raise ValueError("EngineSpec.host_decode=True but stagewise.loaders._cropdecode was not built "
+                         "(no C compiler or libjpeg headers at install); leave host_decode=None")
+    host = not gpu and hostdecode.AVAILABLE if engine.host_decode is None else engine.host_decode
+    return Layout(train=train, gpu=gpu, branchless=branchless, roi_decode=roi_decode and not host,
+                  compact=gpu or branchless, host_decode=host)
 
 
 def input_names(augment: AugmentSpec, layout: Layout) -> list[str]:
     """Every input the graph declares, in feeding order."""
-    names = ["jpg", "size"] + (["window"] if layout.roi_decode else [])
+    if layout.host_decode:
+        names = ["img"] + (["size"] if layout.branchless else [])  # only branchless RandAugment reads the size
+    else:
+        names = ["jpg", "size"] + (["window"] if layout.roi_decode else [])
     if _has_region(augment, layout):
         names += ["crop_start", "crop_end"]
     if layout.train:
@@ -90,10 +103,15 @@ def input_names(augment: AugmentSpec, layout: Layout) -> list[str]:
 
 def _has_region(augment: AugmentSpec, layout: Layout) -> bool:
     """Whether the resize takes a region input: train (flip), whole-image decode, or torchvision's eval geometry."""
+    if layout.host_decode:
+        return False  # cropped and resized on the host
     return layout.train or not layout.roi_decode or augment.eval_geometry == "torchvision"
 
 
 def _define(augment: AugmentSpec, layout: Layout, hints: dict):
+    norm = (augment.mean, augment.std, augment.channels_last)
+    if layout.host_decode:
+        return _define_from_host(augment, layout)
     jpg = ops.source("jpg", types.UINT8, 1)
     size = ops.source("size", types.FLOAT, 1)
     window = ops.source("window", types.FLOAT, 1) if layout.roi_decode else None
@@ -101,12 +119,25 @@ def _define(augment: AugmentSpec, layout: Layout, hints: dict):
     start = end = None
     if _has_region(augment, layout):
         start, end = ops.source("crop_start", types.FLOAT, 1), ops.source("crop_end", types.FLOAT, 1)
-    norm = (augment.mean, augment.std, augment.channels_last)
     if not layout.train:  # eval regions are in pixels (of the decoded window, or of the whole image)
         return ops.normalize(ops.crop(img, size, start, end, relative=False), *norm)
     # uint8 out of the resize, as the reference's RandAugment sees it (Posterize and Solarize are defined on
     # integer levels), then float for RandAugment's and mix's kernels (see randaugment.py)
     img = fn.cast(ops.crop(img, size, start, end, relative=layout.roi_decode), dtype=types.FLOAT)
+    return _augment(img, size, augment, layout)
+
+
+def _define_from_host(augment: AugmentSpec, layout: Layout):
+    """The graph after the host's crop-decode-resize: uint8 HWC images at the stage size come in."""
+    img = ops.source("img", types.UINT8, 3, layout=INPUT_LAYOUTS["img"])
+    size = ops.source("size", types.FLOAT, 1) if layout.branchless else None
+    if not layout.train:
+        return ops.normalize(img, augment.mean, augment.std, augment.channels_last)
+    return _augment(fn.cast(img, dtype=types.FLOAT), size, augment, layout)
+
+
+def _augment(img, size, augment: AugmentSpec, layout: Layout):
+    """Train: RandAugment, mixing and normalizing of float HWC images at the stage size."""
     layers = augment.randaug_layers or 0
     if layers:
         img = ops.randaugment(img, augment.randaug, layers, branchless=layout.branchless, compact=layout.compact,
@@ -115,7 +146,7 @@ def _define(augment: AugmentSpec, layout: Layout, hints: dict):
         img = ops.mix_branchless(img, ops.mix_inputs(branchless=True))
     else:
         img = ops.mix(img, ops.mix_inputs(), compact=layout.compact)
-    return ops.normalize(img, *norm)
+    return ops.normalize(img, augment.mean, augment.std, augment.channels_last)
 
 
 @pipeline_def(enable_conditionals=True)

@@ -78,7 +78,7 @@ class Loader:
         self._runner = Runner(
             self.augment, self.layout, self.engine, batch_size=batch_size, pipelines=pipes,
             threads_per_pipeline=max(1, self.num_threads // pipes), device_id=device_id,
-            depth=self.engine.prefetch or (2 if gpu else 1), seed=seed, on_error=self.reading.on_error, stage=stage,
+            depth=self.engine.prefetch or (2 if gpu or self.layout.host_decode else 1), seed=seed, on_error=self.reading.on_error, stage=stage,
         )
         self._runner.set_stage(stage)
         self.stage = stage
@@ -129,6 +129,12 @@ class Loader:
     def reader_cpu(self) -> float:
         """CPU seconds the shard-reader threads have spent so far (bench-loader's accounting)."""
         return self._runner.reader_cpu
+
+    @property
+    def host_decode_cpu(self) -> float:
+        """CPU seconds the host decoder's threads have spent so far (0 when DALI decodes; bench-loader)."""
+        host = self._runner.host
+        return host.cpu_s if host is not None else 0.0
 
     @property
     def stats(self) -> Stats:

@@ -27,9 +27,9 @@ from stagewise.loaders.randaugment import (
 
 
 @do_not_convert  # plain graph code: AutoGraph's transform would only cost build time
-def source(name: str, dtype, ndim: int, device: str = "cpu"):
+def source(name: str, dtype, ndim: int, device: str = "cpu", layout: str | None = None):
     """A named input. CPU inputs are shared, not copied (no_copy); a GPU input is copied from the host array."""
-    return fn.external_source(name=name, dtype=dtype, ndim=ndim, no_copy=device == "cpu", device=device)
+    return fn.external_source(name=name, dtype=dtype, ndim=ndim, no_copy=device == "cpu", device=device, layout=layout)
 
 
 @do_not_convert

@@ -19,6 +19,12 @@ Epoch boundaries (training): once the last batch of epoch e is fed, `wants_ahead
 the Loader, which opens epoch e + 1 and hands it over; its first batches keep the
 pipelines fed. If the caller then starts e + 1 at batch 0, `promote` uses them.
 
+Host decode (the CPU default, loaders/hostdecode.py): a flight is queued on its pipeline when
+drawn, its crops go to the decoder's threads, and it is fed to DALI once they are done, in
+queue order (`_push`: without waiting after each pull and feed; waiting when DALI must run
+it next). A sample the host decoder fails on is replaced there like a reader fault; the
+batch is drawn again for the replacements and DALI never sees the bad one.
+
 A batch DALI fails on (a JPEG whose entropy data is corrupt behind a valid header; DALI's
 pipeline object is invalid afterwards) takes the fault path: the pipeline is rebuilt,
 a decode-only probe bisects the batch to find the samples that fail, and they are
@@ -39,6 +45,7 @@ import torch
 from stagewise.loaders.feed import Drawn, Feeder, draw_batch
 from stagewise.loaders.graph import Layout, build_pipeline, build_probe, input_names
 from stagewise.loaders.handover import KeepAlive, to_torch
+from stagewise.loaders.hostdecode import Decoding, HostDecoder
 from stagewise.loaders.params import StageParams
 from stagewise.loaders.plan import EpochPlan
 from stagewise.loaders.shard_stream import Fault, Item, LoaderError, ShardStream
@@ -67,6 +74,8 @@ class Flight:
     real: np.ndarray  # bool [N]: False marks eval padding
     got: list[Item | Fault | None]  # as read, before replacement (the fault path replaces again from these)
     drawn: Drawn | None = None  # the inputs as fed: no_copy inputs must stay alive until the batch is out
+    decoding: Decoding | None = None  # host decode: the batch's images on their way (fed to DALI once done)
+    fed: bool = False  # handed to its pipeline (with host decode, some time after it was queued)
     dummy: bool = False  # a copy fed only to complete a pipeline's first prefetch; never yielded
     faults: list[Fault] = field(default_factory=list)  # samples replaced; reported when the batch is pulled
 
@@ -84,7 +93,7 @@ class Stats:
     draw: float = 0.0  # crop windows, flips, RandAugment and mix draws
     feed: float = 0.0  # feed_input and schedule_run
     handover: float = 0.0  # outputs() CPU, DLPack, targets
-    wait: float = 0.0  # wall time inside outputs()
+    wait: float = 0.0  # wall time inside outputs(), and waiting for the host decoder
 
     def reset(self) -> None:
         self.__init__()
@@ -111,6 +120,7 @@ class Runner:
         self.device_id, self.threads_per_pipeline = device_id, threads_per_pipeline
         self.stage = stage
         self.names = input_names(augment, layout)
+        self.host = HostDecoder(pipelines * threads_per_pipeline) if layout.host_decode else None
         self.pipes = [self._build(k) for k in range(pipelines)]
         self.feeders = [Feeder(pipe) for pipe in self.pipes]
         self.queues: list[deque[Flight]] = [deque() for _ in self.pipes]
@@ -194,6 +204,8 @@ class Runner:
         if flight.faults:
             self._report_faults(flight)
         self._fill()
+        for p in range(len(self.pipes)):
+            self._push(p, block=False)  # hand DALI every batch the host has finished, before the caller's step
         return images, flight
 
     @property
@@ -216,6 +228,8 @@ class Runner:
         self.pipes.clear()
         self.feeders.clear()
         self._probe = None
+        if self.host is not None:
+            self.host.close()
 
     # ------------------------------------------------------------------ flights
     def _front(self) -> Flight:
@@ -233,6 +247,9 @@ class Runner:
         """Start pipeline p's first prefetch now, padding with copies if it has fewer than `depth` batches."""
         queue = self.queues[p]
         while not self._primed[p] and queue:
+            self._push(p, block=True)
+            if self._primed[p]:
+                break
             last = queue[-1]
             self._feed(Flight(last.seq, last.epoch, last.batch, last.stage, last.items, last.real, last.got,
                               dummy=True))
@@ -240,6 +257,8 @@ class Runner:
     def _discard(self, p: int) -> Flight:
         self._prime(p)
         flight = self.queues[p].popleft()
+        if not flight.fed:
+            return flight  # still on the host decoder: DALI never saw it
         try:
             self.pipes[p].outputs()
         except RuntimeError:
@@ -342,27 +361,79 @@ class Runner:
             )
 
     def _feed(self, flight: Flight) -> None:
+        """Draw the flight's inputs and queue it; hand it to its pipeline now, or once the host has decoded it."""
+        self._draw(flight)
+        p = flight.seq % len(self.pipes)
+        flight.fed = False
+        self.queues[p].append(flight)
+        if flight.decoding is None:
+            self._hand(p, flight)
+        else:
+            self._push(p, block=False)
+
+    def _draw(self, flight: Flight) -> None:
         start = time.thread_time()
         flight.drawn = draw_batch(flight.items, augment=self.augment, layout=self.layout, stage=flight.stage,
                                   seed=self.seed, epoch=flight.epoch.number, batch=flight.batch)
         drawn = time.thread_time()
-        p = flight.seq % len(self.pipes)
+        self.stats.draw += drawn - start
+        if self.host is not None:
+            flight.decoding = self.host.submit([it.jpg for it in flight.items], flight.drawn.regions,
+                                               flight.stage.image_size)
+            self.stats.feed += time.thread_time() - drawn
+
+    def _hand(self, p: int, flight: Flight) -> None:
+        """feed_input and schedule_run for a flight already queued on pipeline p (the queue's first unfed one)."""
+        start = time.thread_time()
         pipe = self.pipes[p]
         self.feeders[p](self.names, flight.drawn.inputs)
-        self.queues[p].append(flight)
+        flight.fed = True
         if self._primed[p]:
             pipe.schedule_run()
-        elif len(self.queues[p]) == self.depth:
+        elif sum(f.fed for f in self.queues[p]) == self.depth:
             pipe.schedule_run()  # runs all `depth` fed batches
             self._primed[p] = True
-        self.stats.draw += drawn - start
-        self.stats.feed += time.thread_time() - drawn
+        self.stats.feed += time.thread_time() - start
+
+    def _push(self, p: int, *, block: bool, until: Flight | None = None) -> None:
+        """Host decode: hand pipeline p its queued flights in order, as far as their images are ready
+        (block: waiting for them, up to `until` or to the end of the queue)."""
+        for flight in list(self.queues[p]):
+            if flight.fed:
+                continue
+            if not block and not flight.decoding.done():
+                return
+            wall = time.perf_counter()
+            self._decoded(flight)
+            self.stats.wait += time.perf_counter() - wall
+            self._hand(p, flight)
+            if flight is until:
+                return
+
+    def _decoded(self, flight: Flight) -> None:
+        """The flight's host-decoded images as its "img" input; undecodable samples replaced as faults are."""
+        for _ in range(MAX_RECOVERIES + 1):
+            images, failed = flight.decoding.result()
+            if not failed:
+                flight.drawn.inputs["img"] = images
+                return
+            for i, reason in failed.items():
+                item = flight.items[i]
+                self.bad[(item.shard, item.key)] = reason
+                for j, got in enumerate(flight.got):  # where the sample was read (it may stand in for another)
+                    if got is item:
+                        flight.got[j] = Fault(item.shard, item.key, reason)
+            self._substitute(flight)  # raises when nothing good is left
+            self._draw(flight)  # the same draws for the replaced samples' own sizes
+        raise LoaderError(f"batch {flight.batch} (epoch {flight.epoch.number}): the host decoder kept failing "
+                          f"after {MAX_RECOVERIES} replacements")
 
     def _take(self, flight: Flight) -> torch.Tensor:
         """Pop `flight` (the front of its pipeline) and hand its output over; the fault path on a DALI failure."""
         for attempt in range(MAX_RECOVERIES + 1):
             p = flight.seq % len(self.pipes)
             self._prime(p)
+            self._push(p, block=True, until=flight)
             assert self.queues[p][0] is flight
             self.queues[p].popleft()
             wall, cpu = time.perf_counter(), time.thread_time()
@@ -401,7 +472,8 @@ class Runner:
         if attempt >= MAX_RECOVERIES:
             self._broken = f"DALI failed on {where} {attempt + 1} times: {message}"
             raise LoaderError(self._broken) from exc
-        bad = self._find_undecodable(flight)
+        # host decode: the decoder's failures never reach DALI (`_decoded`), so no sample is to blame here
+        bad = [] if self.layout.host_decode else self._find_undecodable(flight)
         if not bad and attempt > 0:
             keys = sorted({f"{it.shard}: {it.key!r}" for it in flight.items})[:4]
             self._broken = (f"DALI failed on {where} and no single sample of it fails to decode alone "

@@ -130,6 +130,8 @@ class EngineSpec:
     prefetch: int | None = None  # batches in flight per pipeline; None: 1 on CPU, 2 on GPU
     branchless: bool | None = None  # RandAugment/mix without conditionals; None: on GPU only (measured on CPU)
     roi_decode: bool | None = None  # decode only the crop window; None: CPU yes, GPU no (nvImageCodec#55)
+    host_decode: bool | None = None  # CPU: crop-decode-resize in C threads before DALI (loaders/_cropdecode.c);
+    #                                  None: on in CPU mode when that extension is built, never on GPU
     hw_decoder_load: float = 0.65  # GPU: share of JPEGs for the hardware decoder (DALI's default)
     preallocate_width_hint: int = 0  # GPU: hardware-decoder buffer hints, px; 0 = DALI's default
     preallocate_height_hint: int = 0
@@ -140,7 +142,7 @@ class EngineSpec:
         cls = type(self).__name__
         _count(cls, "pipelines", self.pipelines, 1, allow_none=True)
         _count(cls, "prefetch", self.prefetch, 1, allow_none=True)
-        for name in ("branchless", "roi_decode"):
+        for name in ("branchless", "roi_decode", "host_decode"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise _bad(cls, name, value, "must be True, False or None")

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import build_tree_shards
 from stagewise.benchmarks.datasets import write_photo_tree
+from stagewise.loaders import hostdecode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,7 @@ def test_bench_loader_prints_the_ratio_and_the_per_batch_columns_as_json(photos)
         assert 0 < r["ready_ms"] and 0 < r["ready_handover_ms"] < r["ready_ms"]
         assert r["ceiling_img_s"] == pytest.approx(4 / r["ready_ms"] * 1e3, rel=0.01)
         assert r["wait_ms"] >= 0 and r["dali_cpu_ms"] > 0
+        assert (r["host_cpu_ms"] > 0) == hostdecode.AVAILABLE  # the host decoder is the CPU default where built
         assert r["ops"] > r["gpu_graph_ops"] > 0 and r["gpu_graph_ops"] <= 100
         assert r["mixup"] == 0.2 and r["batch"] == 4 and len(r["load_average"]) == 2
 

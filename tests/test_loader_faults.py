@@ -11,7 +11,7 @@ import pytest
 import s3fs
 import torch
 
-from stagewise.loaders import Loader, LoaderError, ReadSpec, StageParams
+from stagewise.loaders import EngineSpec, Loader, LoaderError, ReadSpec, StageParams, hostdecode
 from stagewise.pipeline.build_shards import build_shards
 from tests.test_loader_support import jpeg_of, sample_ids, take, write_raw_split, write_unique_tree
 
@@ -26,8 +26,19 @@ def dataset(tmp_path):
     return tmp_path / "ds"
 
 
-def _loader(url: str, **reading) -> Loader:
-    return Loader(url, split="train", batch_size=4, stage=PLAIN, device="cpu", seed=2, reading=ReadSpec(**reading))
+def _loader(url: str, engine: EngineSpec | None = None, **reading) -> Loader:
+    return Loader(url, split="train", batch_size=4, stage=PLAIN, device="cpu", seed=2, reading=ReadSpec(**reading),
+                  engine=engine)
+
+
+# The two CPU decoders: the host's (the default where loaders/_cropdecode.c is built), whose failures are
+# caught per sample, and DALI's, whose failure invalidates the pipeline (the rebuild-and-bisect fault path).
+DECODERS = {
+    "host": (EngineSpec(host_decode=True), "cannot decode the JPEG (Premature end of JPEG file", 0),
+    "dali": (EngineSpec(host_decode=False), "DALI's decoder fails on it", 1),
+}
+decoders = pytest.mark.parametrize("decoder", [pytest.param("host", marks=pytest.mark.skipif(
+    not hostdecode.AVAILABLE, reason="loaders/_cropdecode.c was not built")), "dali"])
 
 
 def test_missing_shard_raises_naming_it_or_is_skipped_and_counted(dataset):
@@ -235,17 +246,19 @@ def bad_data(tmp_path):
     return str(tmp_path)
 
 
-def test_an_oversized_header_and_a_corrupt_scan_are_skipped_counted_and_never_end_the_run(bad_data):
+@decoders
+def test_an_oversized_header_and_a_corrupt_scan_are_skipped_counted_and_never_end_the_run(bad_data, decoder):
+    engine, says, rebuilds = DECODERS[decoder]
     start, rss = time.monotonic(), _rss_mb()
-    with _loader(bad_data, on_error="skip") as loader:
+    with _loader(bad_data, engine, on_error="skip") as loader:
         with pytest.warns(RuntimeWarning, match="skipping"):
             epochs = [list(loader), list(loader)]  # no set_epoch: epoch 0, then epoch 1
         assert [len(batches) for batches in epochs] == [4, 4]
         assert loader.skipped == 4  # both bad samples, in each epoch
         messages = " ".join(loader.faults)
         assert "sample 'bomb': decompression bomb: the frame header says 30000x30000" in messages
-        assert "sample 'corrupt': DALI's decoder fails on it" in messages
-        assert loader._runner.rebuilt == 1  # the fault path ran once; epoch 1 replaced 'corrupt' up front
+        assert f"sample 'corrupt': {says}" in messages
+        assert loader._runner.rebuilt == rebuilds  # DALI's fault path ran once; epoch 1 replaced 'corrupt' up front
         for batches in epochs:
             ids = [i for images, _ in batches for i in sample_ids(images)]
             assert len(ids) == 16 and set(ids) <= set(range(16)) - {3, 11}  # the bad ones replaced by good ones
@@ -253,13 +266,14 @@ def test_an_oversized_header_and_a_corrupt_scan_are_skipped_counted_and_never_en
     assert _rss_mb() - rss < 300  # the bomb's header claims 2.7 GB of pixels; nothing near that was allocated
 
 
+@decoders
 @pytest.mark.parametrize("bad", ["corrupt", "bomb"])
-def test_under_raise_the_error_names_the_one_shard_and_key_that_failed(tmp_path, bad):
+def test_under_raise_the_error_names_the_one_shard_and_key_that_failed(tmp_path, bad, decoder):
     payload = _truncated_scan(3) if bad == "corrupt" else _bomb(3)
     write_raw_split(tmp_path, "train", [_good(5), _good(2, first=5) + [{"__key__": bad.encode(), "jpg": payload,
                                                                      "cls": b"0"}] + _good(2, first=7)],
                     classes=("only",))
-    with _loader(str(tmp_path)) as loader, pytest.raises(LoaderError) as error:
+    with _loader(str(tmp_path), DECODERS[decoder][0]) as loader, pytest.raises(LoaderError) as error:
         list(loader)
     message = str(error.value)
     shard = "train-000001.tar"

@@ -165,7 +165,8 @@ def test_gpu_roi_decoding_is_refused_with_the_nvimagecodec_that_crashes_on_h100(
 
     monkeypatch.setattr(graph, "nvimgcodec_version", lambda: (0, 9, 0))
     assert graph.layout_for(train=True, gpu=True, engine=EngineSpec()).roi_decode is False  # the default: whole images
-    assert graph.layout_for(train=True, gpu=False, engine=EngineSpec()).roi_decode is True  # CPU: libjpeg-turbo
+    cpu_dali = EngineSpec(host_decode=False)  # DALI's CPU decoder (the default decodes on the host where built)
+    assert graph.layout_for(train=True, gpu=False, engine=cpu_dali).roi_decode is True  # CPU: libjpeg-turbo
     with pytest.raises(ValueError, match=r"roi_decode=True: .*nvImageCodec#55.*0\.9\.0"):
         graph.layout_for(train=True, gpu=True, engine=EngineSpec(roi_decode=True))
     monkeypatch.setattr(graph, "nvimgcodec_version", lambda: (0, 8, 0))  # last known good

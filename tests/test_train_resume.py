@@ -20,7 +20,8 @@ import torch
 
 from stagewise.shards.store import url_exists
 from stagewise.train import checkpoint
-from tests.test_train_loop import make_dataset
+from stagewise.benchmarks.datasets import write_photo_tree
+from stagewise.pipeline.build_shards import build_shards
 
 TIMEOUT_S = 180  # per process; a run takes ~10 s
 KILL_AT_STEP = 5  # killed inside this step, after the checkpoint of the step before
@@ -59,15 +60,32 @@ def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.parametrize("store", ["local", "s3"])
+def photo_dataset(root: Path) -> str:
+    """48 photo crops (6 steps of 8), so that every pixel of the decode and the crops counts (solid colours would
+    come out the same from any decoder)."""
+    write_photo_tree(root / "src", num_classes=4, per_class=12)
+    build_shards(str(root / "src"), str(root / "shards"), layout="folder", split="train", samples_per_shard=12)
+    return str(root / "shards")
+
+
+def _as_saved_before_cpu_decoder(url: str) -> None:
+    """Rewrite a checkpoint as the trainer saved it before data.cpu_decoder existed (DALI decoded then)."""
+    ck = checkpoint.load(url)
+    assert ck["config"]["data"].pop("cpu_decoder") == "dali"
+    checkpoint.save(url, ck, "")
+
+
+@pytest.mark.parametrize("store", ["local", "s3", "saved-before-cpu_decoder"])
 def test_kill_9_then_resume_is_bit_identical(tmp_path, store, request):
-    shards = make_dataset(tmp_path, num_classes=4, per_class=12, val_per_class=1)  # 48 images: 6 steps of 8
+    shards = photo_dataset(tmp_path)
     base = request.getfixturevalue("s3_bucket") if store == "s3" else str(tmp_path)
     straight, killed = (tmp_path / "straight", f"{base}/straight"), (tmp_path / "killed", f"{base}/killed")
+    # an old checkpoint: both runs decode with DALI, as the trainer did then; resumed with the default ("auto")
+    legacy = ["--data.cpu_decoder=dali"] if store == "saved-before-cpu_decoder" else []
     # both start at once (the uninterrupted run's timing does not matter)
-    ref = subprocess.Popen([sys.executable, "-m", "stagewise.train", *options(shards, *straight)], env=env(),
+    ref = subprocess.Popen([sys.executable, "-m", "stagewise.train", *options(shards, *straight), *legacy], env=env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, *options(shards, *killed)], env=env(),
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, *options(shards, *killed), *legacy], env=env(),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     try:
         out, err = ref.communicate(timeout=TIMEOUT_S)
@@ -79,11 +97,14 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path, store, request):
     at_kill = checkpoint.load(f"{killed[1]}/last.pt")
     assert (at_kill["step"], at_kill["epoch"], at_kill["batch"]) == (KILL_AT_STEP - 1, 0, 4)  # mid-epoch, mid-stage
     assert not url_exists(f"{killed[1]}/stage-1.pt")
+    if legacy:
+        _as_saved_before_cpu_decoder(f"{killed[1]}/last.pt")
 
     resumed = subprocess.run([sys.executable, "-m", "stagewise.train", *options(shards, *killed), "--resume"],
                              env=env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed[1]}/last.pt: step {KILL_AT_STEP - 1}" in resumed.stdout
+    assert ("resume: data.cpu_decoder = 'dali', as the checkpoint ran" in resumed.stdout) == bool(legacy)
 
     a, b = checkpoint.load(f"{straight[1]}/last.pt"), checkpoint.load(f"{killed[1]}/last.pt")
     assert a["step"] == b["step"] == 12

@@ -42,6 +42,9 @@ class DataConfig:
     hflip_prob: float = _f(0.5, "chance that a training image is mirrored left-right; 0 = never (digits, text)")
     randaug_ops: int = _f(2, "RandAugment ops per image (paper: 2)")
     on_error: str = _f("raise", "undecodable sample: raise | skip")
+    cpu_decoder: str = _f("auto", "decoder in the loader's CPU mode: host (crop-decode-resize in C threads, "
+                                  "loaders/_cropdecode.c) | dali (DALI's decoder and resize) | auto (host where "
+                                  "built; on resume, the checkpoint's)")
 
 
 @dataclass
@@ -149,6 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
     "data.device": ("auto", "cuda", "cpu"),
     "data.on_error": ("raise", "skip"),
+    "data.cpu_decoder": ("auto", "host", "dali"),
     "schedule.kind": ("paper", "automl", "random-resize"),
     "optim.optimizer": ("rmsprop_tf", "momentum"),
     "optim.lr_decay": ("exponential", "cosine"),
@@ -408,10 +412,19 @@ def validate(cfg: Config) -> None:
         (all(s > 0 for s in cfg.data.std), "data.std must be > 0"),
         (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must be 0 < lo <= hi <= 1"),
         (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob must be in [0, 1]"),
+        (cfg.data.cpu_decoder != "host" or _host_decoder_built(),
+         "data.cpu_decoder=host, but stagewise.loaders._cropdecode was not built (no C compiler or libjpeg "
+         "headers at install); use auto or dali"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def _host_decoder_built() -> bool:
+    from stagewise.loaders import hostdecode  # here, not at the top: config stays importable without DALI
+
+    return hostdecode.AVAILABLE
 
 
 # --- Credentials ------------------------------------------------------------------------
@@ -450,14 +463,32 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(redacted(to_dict(cfg)), sort_keys=False, default_flow_style=None)
 
 
+# Keys whose "auto" a resumed run takes from its checkpoint, so that it computes what the interrupted run
+# did, and the value they had before they existed (checkpoints saved earlier lack them).
+ADOPTED_ON_RESUME = {"data.cpu_decoder": "dali"}  # before 2026-11-28 DALI decoded in CPU mode
+
+
+def adopt_from_checkpoint(cfg: Config, saved: dict) -> list[str]:
+    """Set each ADOPTED_ON_RESUME key still "auto" in `cfg` to the checkpoint's value; `key = value` of each set."""
+    flat, done = flatten(saved), []
+    for key, before in ADOPTED_ON_RESUME.items():
+        section, _, name = key.rpartition(".")
+        value = flat.get(key, before)
+        if getattr(getattr(cfg, section), name) == "auto" and value != "auto":
+            set_key(cfg, key, value)
+            done.append(f"{key} = {value!r}")
+    return done
+
+
 def differences(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """`key: a -> b` for the leaves that differ between two (redacted) trees.
 
     A leaf missing from a tree (one saved before the key existed, such as `data.hflip_prob`)
-    counts as its default, so such a checkpoint still resumes while the new key keeps it.
+    counts as its default, so such a checkpoint still resumes while the new key keeps it;
+    an ADOPTED_ON_RESUME key counts as the value it had before it existed.
     """
     defaults = flatten(to_dict(Config()))
-    fa, fb = {**defaults, **flatten(a)}, {**defaults, **flatten(b)}
+    fa, fb = {**defaults, **ADOPTED_ON_RESUME, **flatten(a)}, {**defaults, **ADOPTED_ON_RESUME, **flatten(b)}
     keys = sorted(set(fa) | set(fb))
     return [f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in keys
             if fa.get(k) != fb.get(k) and not k.startswith(ignore)]

@@ -1,7 +1,7 @@
 """The run's data, from its config: the global batch, the eval size, and the train and eval loaders."""
 from __future__ import annotations
 
-from stagewise.loaders import AugmentSpec, Loader, ReadSpec, StageParams
+from stagewise.loaders import AugmentSpec, EngineSpec, Loader, ReadSpec, StageParams
 from stagewise.model.variants import Variant, get_variant
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.distributed import Dist
@@ -53,7 +53,11 @@ def train_loader(cfg: Config, stage: StagePlan, d: Dist) -> Loader:
                   stage=stage_params(stage, cfg), device=loader_device(cfg, d), train=True,
                   seed=cfg.run.seed, rank=d.rank, world_size=d.world_size,
                   num_threads=cfg.data.num_threads or None, augment=augment,
-                  reading=ReadSpec(on_error=cfg.data.on_error))
+                  reading=ReadSpec(on_error=cfg.data.on_error), engine=engine_spec(cfg))
+
+
+def engine_spec(cfg: Config) -> EngineSpec:
+    return EngineSpec(host_decode={"auto": None, "host": True, "dali": False}[cfg.data.cpu_decoder])
 
 
 def eval_loader(cfg: Config, size: int, crop: float, batch: int, d: Dist) -> Loader:
@@ -62,4 +66,4 @@ def eval_loader(cfg: Config, size: int, crop: float, batch: int, d: Dist) -> Loa
     return Loader(cfg.data.url, split=cfg.data.val_split, batch_size=max(1, batch // d.world_size), stage=params,
                   device=loader_device(cfg, d), train=False, seed=cfg.run.seed, rank=d.rank,
                   world_size=d.world_size, num_threads=cfg.data.num_threads or None, augment=augment,
-                  reading=ReadSpec(on_error=cfg.data.on_error))
+                  reading=ReadSpec(on_error=cfg.data.on_error), engine=engine_spec(cfg))

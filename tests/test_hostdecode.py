@@ -67,6 +67,23 @@ def test_crop_decode_resize_matches_pillows_box_resize(case):
     assert diff.mean() < (0.5 if tolerance <= 1 else 1.0), (case, diff.mean())
 
 
+def test_the_avx2_filter_gives_the_plain_c_filters_bytes():
+    from stagewise.loaders import _cropdecode
+
+    jpgs = [_jpeg(photo(30 + k, (240, 180))) for k in range(6)]
+    regions = [(0, 0, 180, 240), (3.5, 7.25, 150, 201), (10, 230, 170, 12), (40, 40, 60, 75), (0, 0, 180, 17),
+               (1, 2, 179, 238)]
+    outs = []
+    for avx2 in (False, True):
+        before = _cropdecode.use_avx2(avx2)
+        try:
+            outs.append([_decode(jpgs, regions, size)[0] for size in (13, 64, 200)])
+        finally:
+            _cropdecode.use_avx2(before)
+    for plain, vector in zip(*outs):
+        assert np.array_equal(plain, vector)
+
+
 def test_a_region_running_backwards_is_the_mirror_image_exactly():
     data = _jpeg(photo(13, (120, 90)))
     out, failed = _decode([data, data], [(10, 5, 80, 100), (10, 100, 80, 5)], 36)

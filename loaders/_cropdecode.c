@@ -37,6 +37,7 @@
 
 #define COEF_BITS 14
 #define REDUCING_GAP 2.0 /* DCT-domain scaling only while the crop stays >= 2x the output */
+#define DECODE_MARGIN 4  /* px decoded beyond what the filter reads (4:2:0 upsampling reaches 2) */
 
 enum { OK = 0, FAILED = 1, UNSUPPORTED = 2 };
 
@@ -71,8 +72,8 @@ static void free_taps(taps_t *t) {
 }
 
 /* Output i of n covers [start + i * step, start + (i + 1) * step) of the input's
- * continuous coordinate (sample j covers [j, j + 1)); in_len samples exist. */
-static int make_taps(taps_t *t, int in_len, double start, double extent, int n) {
+ * continuous coordinate (sample j covers [j, j + 1)); samples [lo_in, hi_in) may be read. */
+static int make_taps(taps_t *t, int lo_in, int hi_in, double start, double extent, int n) {
     double step = extent / n, fscale = step > 1.0 ? step : 1.0, support = fscale; /* triangle: radius 1 */
     int span = (int)ceil(support) * 2 + 2;
     t->n = n;
@@ -89,8 +90,8 @@ static int make_taps(taps_t *t, int in_len, double start, double extent, int n) 
     for (int i = 0; i < n; i++) {
         double centre = start + (i + 0.5) * step;
         int lo = (int)floor(centre - support + 0.5), hi = (int)floor(centre + support + 0.5);
-        if (lo < 0) lo = 0;
-        if (hi > in_len) hi = in_len;
+        if (lo < lo_in) lo = lo_in;
+        if (hi > hi_in) hi = hi_in;
         if (hi - lo > span) hi = lo + span;
         double sum = 0.0;
         for (int j = lo; j < hi; j++) {
@@ -98,7 +99,7 @@ static int make_taps(taps_t *t, int in_len, double start, double extent, int n) 
             sum += (w[j - lo] = x < 1.0 ? 1.0 - x : 0.0);
         }
         if (hi <= lo || sum == 0.0) { /* no tap inside: take the nearest sample */
-            lo = centre < 0 ? 0 : centre >= in_len ? in_len - 1 : (int)centre;
+            lo = centre < lo_in ? lo_in : centre >= hi_in ? hi_in - 1 : (int)centre;
             hi = lo + 1;
             w[0] = sum = 1.0;
         }
@@ -203,7 +204,10 @@ static void transpose_rgb(const uint8_t *src, int h, int w, int mirror, uint8_t 
             }
 }
 
-/* One image: region (y0, x0, y1, x1) in source pixels, x1 < x0 mirrors; out: out_h x out_w x 3. */
+/* One image. region: (y0, x0, y1, x1) in source pixels, x1 < x0 mirrors, then (top, left, bottom, right), the
+ * part of the image the filter may read: the crop window itself for a crop-then-resize (torchvision's
+ * RandomResizedCrop, whose resize sees only the crop), the whole image for a resize-then-crop (its eval
+ * Resize + CenterCrop). out: out_h x out_w x 3. */
 static int crop_decode(const uint8_t *data, size_t len, const double *region, int out_h, int out_w, uint8_t *out,
                        char *message) {
     struct jpeg_decompress_struct d;
@@ -240,11 +244,21 @@ static int crop_decode(const uint8_t *data, size_t len, const double *region, in
     d.dct_method = JDCT_ISLOW;
     jpeg_start_decompress(&d);
     int full_w = (int)d.output_width, full_h = (int)d.output_height;
-    /* the region in decoded samples, and the rows and columns its filters reach */
+    /* the region in decoded samples; the rows and columns its filters reach (ry, rx) inside the bounds
+     * (btop..bright) are what they read, and those plus DECODE_MARGIN what is decoded: at the edge of a
+     * cropped decode libjpeg's chroma upsampling lacks its neighbours, and its pixels differ there */
     y0 /= denom, y1 /= denom, x0 /= denom, x1 /= denom;
     double ry = fmax((y1 - y0) / out_h, 1.0) + 1.0, rx = fmax((x1 - x0) / out_w, 1.0) + 1.0;
-    int top = (int)fmax(floor(y0 - ry), 0), bottom = (int)fmin(ceil(y1 + ry), full_h);
-    int left = (int)fmax(floor(x0 - rx), 0), right = (int)fmin(ceil(x1 + rx), full_w);
+    int btop = (int)fmax(floor(region[4] / denom), 0), bbottom = (int)fmin(ceil(region[6] / denom), full_h);
+    int bleft = (int)fmax(floor(region[5] / denom), 0), bright = (int)fmin(ceil(region[7] / denom), full_w);
+    int top = (int)fmax(floor(y0 - ry), btop), bottom = (int)fmin(ceil(y1 + ry), bbottom);
+    int left = (int)fmax(floor(x0 - rx), bleft), right = (int)fmin(ceil(x1 + rx), bright);
+    int read_top = top, read_left = left; /* the filter reads [read_top, bottom) x [read_left, right) */
+    top = top - DECODE_MARGIN > 0 ? top - DECODE_MARGIN : 0;
+    left = left - DECODE_MARGIN > 0 ? left - DECODE_MARGIN : 0;
+    int read_bottom = bottom, read_right = right;
+    bottom = bottom + DECODE_MARGIN < full_h ? bottom + DECODE_MARGIN : full_h;
+    right = right + DECODE_MARGIN < full_w ? right + DECODE_MARGIN : full_w;
     if (bottom <= top || right <= left) {
         snprintf(message, JMSG_LENGTH_MAX, "crop region outside the %dx%d image", full_w, full_h);
         goto done;
@@ -278,7 +292,8 @@ static int crop_decode(const uint8_t *data, size_t len, const double *region, in
         snprintf(message, JMSG_LENGTH_MAX, "%s", err.message);
         goto done;
     }
-    if (make_taps(&tv, rows, y0 - top, y1 - y0, out_h) || make_taps(&th, w, x0 - (double)xoff, x1 - x0, out_w)) {
+    if (make_taps(&tv, read_top - top, read_bottom - top, y0 - top, y1 - y0, out_h) ||
+        make_taps(&th, read_left - (int)xoff, read_right - (int)xoff, x0 - (double)xoff, x1 - x0, out_w)) {
         snprintf(message, JMSG_LENGTH_MAX, "out of memory");
         goto done;
     }
@@ -318,8 +333,8 @@ static PyObject *decode_batch(PyObject *self, PyObject *args) {
     Py_ssize_t n = seq ? PySequence_Fast_GET_SIZE(seq) : 0, held = 0;
     if (!seq) goto end;
     if (out.ndim != 4 || out.shape[0] != n || out.shape[3] != 3 || !PyBuffer_IsContiguous(&out, 'C') ||
-        out.itemsize != 1 || regions.len != (Py_ssize_t)(n * 4 * sizeof(double)) || start < 0 || stop > n || start > stop) {
-        PyErr_Format(PyExc_ValueError, "decode_batch: need out uint8 [N, H, W, 3] (C order), regions float64 [N, 4], "
+        out.itemsize != 1 || regions.len != (Py_ssize_t)(n * 8 * sizeof(double)) || start < 0 || stop > n || start > stop) {
+        PyErr_Format(PyExc_ValueError, "decode_batch: need out uint8 [N, H, W, 3] (C order), regions float64 [N, 8], "
                                        "0 <= start <= stop <= N (N=%zd)", n);
         goto end;
     }
@@ -337,7 +352,7 @@ static PyObject *decode_batch(PyObject *self, PyObject *args) {
     const double *reg = regions.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = start; i < stop; i++)
-        status[i - start] = crop_decode(views[i - start].buf, (size_t)views[i - start].len, reg + 4 * i, out_h, out_w,
+        status[i - start] = crop_decode(views[i - start].buf, (size_t)views[i - start].len, reg + 8 * i, out_h, out_w,
                                         (uint8_t *)out.buf + per * i, messages[i - start]);
     Py_END_ALLOW_THREADS
     result = PyList_New(0);
@@ -367,8 +382,8 @@ static PyMethodDef methods[] = {
     {"decode_batch", decode_batch, METH_VARARGS,
      "decode_batch(jpgs, regions, out, start, stop) -> [(index, message, unsupported), ...]\n\n"
      "For i in [start, stop): decode the part of JPEG jpgs[i] that region i (float64 y0, x0, y1, x1\n"
-     "in source pixels; x1 < x0 mirrors) needs and resize that region into out[i] (uint8 H x W x 3,\n"
-     "antialiased bilinear), without the GIL. Returns the samples that failed: any libjpeg error\n"
+     "in source pixels, x1 < x0 mirrors; then top, left, bottom, right: what the filter may read) needs\n"
+     "and resize that region into out[i] (uint8 H x W x 3, antialiased bilinear), without the GIL. Returns the samples that failed: any libjpeg error\n"
      "or warning, or (unsupported=True) a JPEG this decoder does not take (CMYK, 12-bit)."},
     {NULL, NULL, 0, NULL},
 };

@@ -35,7 +35,7 @@ def batch_rng(seed: int, epoch: int, batch: int, stream: int) -> np.random.Gener
 class Drawn:
     inputs: dict[str, object]  # input name -> array (jpg: a list of arrays), as fed
     mix: MixParams | None  # train: the batch's mix draw, for the targets
-    regions: np.ndarray | None = None  # host decode: float64 [N, 4] (y0, x0, y1, x1) per sample, x1 < x0 mirrors
+    regions: np.ndarray | None = None  # host decode: float64 [N, 8] per sample, see `_host_regions`
 
 
 _SIZES: dict[tuple[int, int], np.ndarray] = {}
@@ -97,15 +97,25 @@ def _draw_windows(sizes: np.ndarray, augment: AugmentSpec, seed: int, epoch: int
 
 def _host_regions(sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, seed: int, epoch: int,
                   batch: int) -> np.ndarray:
-    """float64 [N, 4] (y0, x0, y1, x1) in source pixels, the same windows as the DALI path; x1 < x0 mirrors."""
+    """float64 [N, 8]: the region to resize, (y0, x0, y1, x1) in source pixels (x1 < x0 mirrors), then the part
+    of the image its filter may read, (top, left, bottom, right). The same windows as the DALI path.
+
+    A crop is resized from itself alone, as torchvision's RandomResizedCrop (crop, then resize) and the
+    DALI path (which decodes only the window) do; torchvision's eval geometry resizes the whole image
+    and then crops, so there the filter reads the whole image."""
+    n = len(sizes)
+    out = np.empty((n, 8), np.float64)
+    if not layout.train and augment.eval_geometry == "torchvision":
+        out[:, 0:4] = center_region(sizes, size, augment.crop_pct)
+        out[:, 4:6], out[:, 6:8] = 0.0, sizes
+        return out
     if layout.train:
         windows, flips = _draw_windows(sizes, augment, seed, epoch, batch)
-    elif augment.eval_geometry == "torchvision":
-        return center_region(sizes, size, augment.crop_pct)
     else:
-        windows, flips = center_crop(sizes, size, augment.crop_pct), np.zeros(len(sizes), np.float32)
-    start, end = _region(windows, flips, relative=False)
-    return np.concatenate([start, end], axis=1).astype(np.float64)
+        windows, flips = center_crop(sizes, size, augment.crop_pct), np.zeros(n, np.float32)
+    out[:, 0:2], out[:, 2:4] = _region(windows, flips, relative=False)
+    out[:, 4:6], out[:, 6:8] = windows[:, 0:2], windows[:, 0:2] + windows[:, 2:4]
+    return out
 
 
 def _dali_regions(inputs: dict, sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, seed: int,

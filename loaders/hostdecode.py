@@ -8,7 +8,7 @@ without the GIL, and the DALI graph starts from uint8 images at the stage size.
 The region of each sample is the same random-resized-crop window (or eval crop) the DALI
 path decodes, drawn from the same generators (loaders/feed.py); the pixels differ from
 DALI's decoder and resize by rounding (antialiased bilinear either way; within one grey
-level of Pillow's `resize(box=..., BILINEAR)`, tests/test_hostdecode.py).
+level of Pillow's crop-then-resize, tests/test_hostdecode.py).
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class HostDecoder:
         self._lock = threading.Lock()
 
     def submit(self, jpgs: list, regions: np.ndarray, size: int) -> Decoding:
-        """Start decoding: jpgs (buffers), regions float64 [N, 4] (y0, x0, y1, x1), x1 < x0 mirrors."""
+        """Start decoding: jpgs (buffers), regions float64 [N, 8]: (y0, x0, y1, x1) to resize, x1 < x0 mirrors,
+        then (top, left, bottom, right), what the filter may read (`feed._host_regions`)."""
         n = len(jpgs)
         regions = np.ascontiguousarray(regions, np.float64)
         out = np.empty((n, size, size, 3), np.uint8)
@@ -86,8 +87,9 @@ def _pil_crop(data, region: np.ndarray, out: np.ndarray) -> str | None:
             rgb = im.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - any decoder error is the sample's fault, reported by the caller
         return f"{type(exc).__name__}: {exc}"
-    y0, x0, y1, x1 = (float(v) for v in region)
-    size = out.shape[1::-1]
-    img = np.asarray(rgb.resize(size, Image.BILINEAR, box=(min(x0, x1), y0, max(x0, x1), y1)))
+    y0, x0, y1, x1, top, left, bottom, right = (float(v) for v in region)
+    bounds = tuple(int(round(v)) for v in (left, top, right, bottom))
+    box = (min(x0, x1) - bounds[0], y0 - bounds[1], max(x0, x1) - bounds[0], y1 - bounds[1])
+    img = np.asarray(rgb.crop(bounds).resize(out.shape[1::-1], Image.BILINEAR, box=box))
     out[...] = img[:, ::-1] if x1 < x0 else img
     return None

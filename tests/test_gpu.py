@@ -62,15 +62,18 @@ def test_gpu_eval_matches_the_cpu_path(photos):
     torchvision's eval geometry on both: the same fractional region, with the filter's neighbours decoded
     (the GPU decodes whole images, nvImageCodec#55), so only the decoders' IDCT rounding differs."""
     out = {}
-    for device in ("cpu", "cuda"):
+    # the CPU side twice: the host decoder (the CPU default where built) and DALI's own CPU decoder
+    for name, device, engine in (("cuda", "cuda", EngineSpec()), ("cpu", "cpu", EngineSpec()),
+                                 ("cpu-dali", "cpu", EngineSpec(host_decode=False))):
         with Loader(photos, split="train", batch_size=16, stage=stage(160), device=device, train=False,
-                    augment=AugmentSpec(crop_pct=0.875, eval_geometry="torchvision")) as loader:
-            out[device], labels = first_batch(loader)
-            out[device + "-labels"] = labels.cpu()
-    assert torch.equal(out["cpu-labels"], out["cuda-labels"])
-    diff = (out["cuda"].cpu() - out["cpu"]).abs()
-    # normalized units (std 0.5): 0.02 is ~1.3 grey levels on 0..255; decoders differ by an IDCT rounding
-    assert diff.mean() < 0.02, f"mean |gpu - cpu| = {diff.mean():.4f}"
+                    augment=AugmentSpec(crop_pct=0.875, eval_geometry="torchvision"), engine=engine) as loader:
+            out[name], labels = first_batch(loader)
+            out[name + "-labels"] = labels.cpu()
+    for cpu in ("cpu", "cpu-dali"):
+        assert torch.equal(out[cpu + "-labels"], out["cuda-labels"])
+        diff = (out["cuda"].cpu() - out[cpu]).abs()
+        # normalized units (std 0.5): 0.02 is ~1.3 grey levels on 0..255; decoders differ by an IDCT rounding
+        assert diff.mean() < 0.02, f"mean |gpu - {cpu}| = {diff.mean():.4f}"
 
 
 def test_gpu_resume_is_exact(photos):

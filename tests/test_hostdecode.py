@@ -21,48 +21,69 @@ def _jpeg(img: Image.Image, **save) -> bytes:
     return buf.getvalue()
 
 
-def _pillow(data: bytes, region, size: int) -> np.ndarray:
-    """The reference: Pillow's antialiased bilinear resize of the region (torchvision's RandomResizedCrop on PIL)."""
+IMAGE, CROP = "image", "crop"  # what the filter may read: the whole image, or the crop alone
+
+
+def _row(data: bytes, region, reads: str) -> tuple[float, ...]:
+    """decode_batch's 8 numbers: the region, then the part the filter may read."""
     y0, x0, y1, x1 = region
+    if reads == CROP:
+        return (*region, y0, min(x0, x1), y1, max(x0, x1))
     with Image.open(io.BytesIO(data)) as im:
-        out = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR, box=(min(x0, x1), y0, max(x0, x1), y1)))
+        return (*region, 0, 0, im.height, im.width)
+
+
+def _pillow(data: bytes, region, size: int, reads: str) -> np.ndarray:
+    """The reference, Pillow's antialiased bilinear: crop then resize (torchvision's RandomResizedCrop on PIL), or
+    resize the region of the whole image (`resize(box=...)`: what its eval Resize + CenterCrop keep)."""
+    y0, x0, y1, x1 = region
+    box = (min(x0, x1), y0, max(x0, x1), y1)
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+        img = rgb.crop(box).resize((size, size), Image.BILINEAR) if reads == CROP else \
+            rgb.resize((size, size), Image.BILINEAR, box=box)
+    out = np.asarray(img)
     return out[:, ::-1] if x1 < x0 else out
 
 
-def _decode(jpgs: list[bytes], regions, size: int) -> tuple[np.ndarray, dict[int, str]]:
+def _decode(jpgs: list[bytes], regions, size: int, reads: str = CROP) -> tuple[np.ndarray, dict[int, str]]:
     decoder = hostdecode.HostDecoder(2)
     try:
-        return decoder.submit(jpgs, np.asarray(regions, np.float64), size).result()
+        rows = np.array([_row(data, region, reads) for data, region in zip(jpgs, regions)], np.float64)
+        return decoder.submit(jpgs, rows, size).result()
     finally:
         decoder.close()
 
 
-# (source, JPEG save options, region (y0, x0, y1, x1) in source pixels, output size, largest |difference| allowed)
+# (source, JPEG save options, region (y0, x0, y1, x1) in source pixels, what the filter reads, output size,
+#  largest |difference| allowed in grey levels)
 CASES = {
-    "whole photo": (photo(1, (200, 150)), {}, (0, 0, 150, 200), 64, 1),
-    "window": (photo(2, (200, 150)), {}, (20, 35, 120, 160), 48, 1),
-    "fractional corners": (photo(3, (200, 150)), {}, (10.4, 7.7, 99.2, 130.9), 40, 1),
-    "mirrored": (photo(4, (200, 150)), {}, (0, 180, 100, 30), 32, 1),
-    "touching the far edges": (photo(5, (200, 150)), {}, (60, 90, 150, 200), 30, 1),
-    "upscaled": (photo(6, (200, 150)), {}, (50, 50, 70, 80), 64, 1),
-    "odd size, half pixels": (photo(7, (33, 17)), {}, (1.5, 2.5, 16, 31), 20, 1),
-    "one pixel wide": (photo(8, (1, 50)), {}, (0, 0, 50, 1), 16, 1),
-    "4:4:4 chroma": (photo(9, (160, 120)), {"subsampling": 0}, (5, 5, 115, 150), 48, 1),
-    "4:2:2 chroma": (photo(10, (160, 120)), {"subsampling": 1}, (5, 5, 115, 150), 48, 1),
-    "progressive": (photo(11, (200, 150)), {"progressive": True}, (30, 40, 140, 190), 48, 1),
-    "restart markers": (photo(12, (200, 150)), {"restart_marker_blocks": 2}, (30, 40, 140, 190), 48, 1),
+    "whole photo": (photo(1, (200, 150)), {}, (0, 0, 150, 200), CROP, 64, 1),
+    "window": (photo(2, (200, 150)), {}, (20, 35, 120, 160), CROP, 48, 1),
+    "window, with its surroundings": (photo(2, (200, 150)), {}, (20, 35, 120, 160), IMAGE, 48, 1),
+    "fractional corners": (photo(3, (200, 150)), {}, (10.4, 7.7, 99.2, 130.9), IMAGE, 40, 1),
+    "mirrored": (photo(4, (200, 150)), {}, (0, 180, 100, 30), CROP, 32, 1),
+    "touching the far edges": (photo(5, (200, 150)), {}, (60, 90, 150, 200), IMAGE, 30, 1),
+    "upscaled": (photo(6, (200, 150)), {}, (50, 50, 70, 80), CROP, 64, 1),
+    "upscaled, with its surroundings": (photo(6, (200, 150)), {}, (50, 50, 70, 80), IMAGE, 64, 1),
+    "odd size, half pixels": (photo(7, (33, 17)), {}, (1.5, 2.5, 16, 31), IMAGE, 20, 1),
+    "one pixel wide": (photo(8, (1, 50)), {}, (0, 0, 50, 1), CROP, 16, 1),
+    "4:4:4 chroma": (photo(9, (160, 120)), {"subsampling": 0}, (5, 5, 115, 150), CROP, 48, 1),
+    "4:2:2 chroma": (photo(10, (160, 120)), {"subsampling": 1}, (5, 5, 115, 150), CROP, 48, 1),
+    "progressive": (photo(11, (200, 150)), {"progressive": True}, (30, 40, 140, 190), CROP, 48, 1),
+    "restart markers": (photo(12, (200, 150)), {"restart_marker_blocks": 2}, (30, 40, 140, 190), CROP, 48, 1),
     # DCT-domain scaling (the crop is >= 2x the output): 1/4 scale here, then the resize; not Pillow's path
-    "DCT-scaled mosaic": (mosaic((800, 600), 8), {}, (0, 0, 600, 800), 64, 12),  # measured: max 6, mean 0.58
+    "DCT-scaled mosaic": (mosaic((800, 600), 8), {}, (0, 0, 600, 800), CROP, 64, 12),  # measured: max 6, mean 0.58
 }
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_crop_decode_resize_matches_pillows_box_resize(case):
-    img, options, region, size, tolerance = CASES[case]
+def test_crop_decode_resize_matches_pillow(case):
+    img, options, region, reads, size, tolerance = CASES[case]
     data = _jpeg(img, **options)
-    (out,), failed = _decode([data], [region], size)
+    (out,), failed = _decode([data], [region], size, reads)
     assert not failed
-    diff = np.abs(out.astype(int) - _pillow(data, region, size).astype(int))
+    diff = np.abs(out.astype(int) - _pillow(data, region, size, reads).astype(int))
     assert diff.max() <= tolerance, (case, diff.max())
     assert diff.mean() < (0.5 if tolerance <= 1 else 1.0), (case, diff.mean())
 
@@ -77,7 +98,7 @@ def test_the_avx2_filter_gives_the_plain_c_filters_bytes():
     for avx2 in (False, True):
         before = _cropdecode.use_avx2(avx2)
         try:
-            outs.append([_decode(jpgs, regions, size)[0] for size in (13, 64, 200)])
+            outs.append([_decode(jpgs, regions, size, reads)[0] for size in (13, 64, 200) for reads in (CROP, IMAGE)])
         finally:
             _cropdecode.use_avx2(before)
     for plain, vector in zip(*outs):
@@ -96,7 +117,7 @@ def test_grayscale_comes_out_as_three_equal_channels():
     (out,), failed = _decode([data], [(0, 0, 80, 100)], 24)
     assert not failed
     assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
-    assert np.abs(out.astype(int) - _pillow(data, (0, 0, 80, 100), 24).astype(int)).max() <= 1
+    assert np.abs(out.astype(int) - _pillow(data, (0, 0, 80, 100), 24, CROP).astype(int)).max() <= 1
 
 
 def test_a_bad_sample_fails_alone_with_libjpegs_words_and_cmyk_goes_through_pillow():
@@ -111,7 +132,7 @@ def test_a_bad_sample_fails_alone_with_libjpegs_words_and_cmyk_goes_through_pill
     assert "Premature end of JPEG file" in failed[1]
     assert "its header was readable" in failed[2]
     assert np.array_equal(out[0], out[4])  # the neighbours of a failure are untouched
-    assert np.abs(out[3].astype(int) - _pillow(cmyk, region, 20).astype(int)).max() <= 1  # the fallback
+    assert np.abs(out[3].astype(int) - _pillow(cmyk, region, 20, CROP).astype(int)).max() <= 1  # the fallback
 
 
 def test_the_host_decoder_is_the_cpu_default_and_never_the_gpus():
@@ -149,5 +170,6 @@ def test_the_loader_gives_the_same_crops_with_either_decoder(photo_shards, train
     for (xh, yh), (xd, yd) in zip(out[True], out[False]):
         assert np.array_equal(yh.numpy(), yd.numpy())
         diff = (xh - xd).abs() * 127.5  # grey levels (normalized with mean = std = 0.5)
-        # measured: mean 0.13-0.24, 99th percentile 1-4 grey levels (the largest, up to ~20, at the crops' borders)
-        assert diff.mean() < 0.5 and np.quantile(diff.numpy(), 0.99) <= 5, (float(diff.mean()), float(diff.max()))
+        # measured: mean 0.12-0.19, 99th percentile 1-2 grey levels; the largest (up to 13) at the crops' borders,
+        # where DALI repeats its decoded window's edge pixel and the host decoder, as Pillow, renormalizes
+        assert diff.mean() < 0.3 and np.quantile(diff.numpy(), 0.99) <= 3, (float(diff.mean()), float(diff.max()))

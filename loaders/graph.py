@@ -109,9 +109,9 @@ def _has_region(augment: AugmentSpec, layout: Layout) -> bool:
 
 
 def _define(augment: AugmentSpec, layout: Layout, hints: dict):
-    norm = (augment.mean, augment.std, augment.channels_last)
     if layout.host_decode:
         return _define_from_host(augment, layout)
+    norm = (augment.mean, augment.std, augment.channels_last)
     jpg = ops.source("jpg", types.UINT8, 1)
     size = ops.source("size", types.FLOAT, 1)
     window = ops.source("window", types.FLOAT, 1) if layout.roi_decode else None

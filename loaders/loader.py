@@ -48,7 +48,7 @@ class Loader:
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
-        num_threads: int | None = None,  # DALI CPU threads in all; default: every core this process may use
+        num_threads: int | None = None,  # DALI CPU threads in all (and host-decoder threads); default: every core
         augment: AugmentSpec | None = None,
         reading: ReadSpec | None = None,
         engine: EngineSpec | None = None,

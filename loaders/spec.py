@@ -5,7 +5,8 @@
 - `ReadSpec`: how shards are read and what a bad sample does (fault policy,
   pixel limit, shuffle buffer, retries).
 - `EngineSpec`: how DALI runs the graph (pipelines, prefetch, branchless
-  RandAugment, decoder hints, executor options). Defaults are chosen per device.
+  RandAugment, the CPU's host decoder, decoder hints, executor options).
+  Defaults are chosen per device.
 
     Loader(url, split="train", batch_size=256, stage=StageParams(128, 10, 0.2), device="cuda",
            augment=AugmentSpec(scale=(0.05, 1.0)), reading=ReadSpec(on_error="skip"))

@@ -253,16 +253,15 @@ static int crop_decode(const uint8_t *data, size_t len, const double *region, in
     int bleft = (int)fmax(floor(region[5] / denom), 0), bright = (int)fmin(ceil(region[7] / denom), full_w);
     int top = (int)fmax(floor(y0 - ry), btop), bottom = (int)fmin(ceil(y1 + ry), bbottom);
     int left = (int)fmax(floor(x0 - rx), bleft), right = (int)fmin(ceil(x1 + rx), bright);
-    int read_top = top, read_left = left; /* the filter reads [read_top, bottom) x [read_left, right) */
-    top = top - DECODE_MARGIN > 0 ? top - DECODE_MARGIN : 0;
-    left = left - DECODE_MARGIN > 0 ? left - DECODE_MARGIN : 0;
-    int read_bottom = bottom, read_right = right;
-    bottom = bottom + DECODE_MARGIN < full_h ? bottom + DECODE_MARGIN : full_h;
-    right = right + DECODE_MARGIN < full_w ? right + DECODE_MARGIN : full_w;
     if (bottom <= top || right <= left) {
         snprintf(message, JMSG_LENGTH_MAX, "crop region outside the %dx%d image", full_w, full_h);
         goto done;
     }
+    int read_top = top, read_left = left, read_bottom = bottom, read_right = right; /* what the filter reads */
+    top = top - DECODE_MARGIN > 0 ? top - DECODE_MARGIN : 0;
+    left = left - DECODE_MARGIN > 0 ? left - DECODE_MARGIN : 0;
+    bottom = bottom + DECODE_MARGIN < full_h ? bottom + DECODE_MARGIN : full_h;
+    right = right + DECODE_MARGIN < full_w ? right + DECODE_MARGIN : full_w;
     JDIMENSION xoff = (JDIMENSION)left, width = (JDIMENSION)(right - left);
     jpeg_crop_scanline(&d, &xoff, &width); /* widened to whole iMCUs */
     int rows = bottom - top, w = (int)width;

@@ -135,6 +135,19 @@ def test_a_bad_sample_fails_alone_with_libjpegs_words_and_cmyk_goes_through_pill
     assert np.abs(out[3].astype(int) - _pillow(cmyk, region, 20, CROP).astype(int)).max() <= 1  # the fallback
 
 
+def test_a_region_outside_the_image_fails_alone_and_reads_nothing_outside():
+    data = _jpeg(photo(17, (100, 80)))
+    decoder = hostdecode.HostDecoder(1)
+    try:
+        rows = np.array([(0, 0, 80, 100, 0, 0, 80, 100), (200, 300, 260, 400, 200, 300, 260, 400),
+                         (10, 10, 20, 20, 23, 23, 60, 60)], np.float64)  # inside; outside; bounds just past it
+        out, failed = decoder.submit([data] * 3, rows, 16).result()
+    finally:
+        decoder.close()
+    assert sorted(failed) == [1, 2] and "crop region outside the 100x80 image" in failed[1]
+    assert np.abs(out[0].astype(int) - _pillow(data, (0, 0, 80, 100), 16, CROP).astype(int)).max() <= 1
+
+
 def test_the_host_decoder_is_the_cpu_default_and_never_the_gpus():
     assert layout_for(train=True, gpu=False, engine=EngineSpec()).host_decode is True
     assert layout_for(train=True, gpu=False, engine=EngineSpec(host_decode=False)).host_decode is False

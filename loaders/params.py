@@ -13,8 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StageParams:
     image_size: int  # output side, px (train: random-resized-crop size; eval: center-crop size)
-    randaug_magnitude: float  # reference (TF) scale: 0..~30, Table 6 uses 5..25; 0 turns RandAugment off
-    mixup_alpha: float  # Beta(alpha, alpha) per batch; 0 = off
+    randaug_magnitude: float = 0.0  # reference (TF) scale: 0..~30, Table 6 uses 5..25; 0 turns RandAugment off
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) per batch; 0 = off (an eval loader: StageParams(size) is all)
     randaug_ops: int = 2  # ops applied per image; 0 turns RandAugment off
     cutmix_alpha: float = 0.0  # 0 = off
     cutmix_prob: float = 0.5  # when both are on: probability that a batch uses cutmix instead of mixup

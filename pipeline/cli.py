@@ -2,7 +2,8 @@
 
 Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`, so
 `pipeline --help` stays fast and a missing optional extra (DALI, timm, Ray) only
-affects the subcommand that needs it.
+affects the subcommand that needs it. A mistake (a bad flag, an S3 error) is one
+line on stderr and exit status 2 (`errors`); `--debug` shows its traceback.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import argparse
 import importlib
 import importlib.metadata
 import sys
+
+from stagewise.pipeline.errors import OneLineParser, debug_enabled, report
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -70,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = SUBCOMMANDS[name]
     module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f"pipeline {name}", description=help_text)
+    sub = OneLineParser(prog=f"pipeline {name}", description=help_text, allow_abbrev=False)
     module.add_arguments(sub)
+    if "--debug" not in sub._option_string_actions:  # the trainer's own parser has it
+        sub.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = sub.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - report() re-raises all but a person's storage mistakes
+        return report(sub.prog, exc, debug=debug_enabled(rest))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 
+from stagewise.pipeline.errors import report
 from stagewise.shards import iter_meta, open_split, read_manifest
 
 _SIDE_BINS = (0, 64, 128, 256, 384, 512, 1024, 2048, 10**9)  # px, longer side
@@ -60,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         rows = [split_stats(dest, s) for s in sorted(read_manifest(dest).splits)]
     except (FileNotFoundError, ValueError) as exc:
-        print(f"stats: error: {exc}", file=sys.stderr)
-        return 2
+        return report("stats", exc, (FileNotFoundError, ValueError))
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 0

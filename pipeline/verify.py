@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from PIL import Image
 
+from stagewise.pipeline.errors import report
 from stagewise.shards import ShardInfo, index_name, join_url, read_index, read_manifest, url_exists
 from stagewise.shards.check import class_histogram, scan_shard
 from stagewise.shards.jpeg import SOF_BASELINE, frame_marker
@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bad = verify(args.dest.rstrip("/"), workers=args.workers, decode=not args.no_decode)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"verify-shards: error: {exc}", file=sys.stderr)
-        return 2
+        return report("verify-shards", exc, (FileNotFoundError, ValueError))
     for name, problems in sorted(bad.items()):
         print(f"BAD {name}:")
         for p in problems[:20]:

@@ -42,6 +42,63 @@ def parent_url(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
 
 
+# botocore's exception class names (matched by name: a local-only install has no botocore to import).
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+_UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError")
+_BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it (s3fs and aiobotocore wrap botocore's errors in their own)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return seen
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """One line a person can act on for an S3 error (credentials, endpoint, bucket, key), or None when `exc` is
+    not one. The one place where botocore's and s3fs's errors are translated; every command calls it."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    where = f"the S3 endpoint {endpoint} (AWS_ENDPOINT_URL)" if endpoint else "AWS S3 (no AWS_ENDPOINT_URL set)"
+    for e in _chain(exc):
+        name = type(e).__name__
+        if name in _NO_CREDENTIALS:
+            return ("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+                    "with ~/.aws/credentials")
+        if name in _UNREACHABLE:
+            return f"cannot connect to {where}: check the address and that the store is running ({e})"
+        response = getattr(e, "response", None)  # botocore's ClientError and its generated subclasses
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            bucket = response.get("Error", {}).get("BucketName", "")
+            if code == "NoSuchBucket":
+                return f"S3 bucket {bucket or ''} does not exist at {where}: create it or fix the s3:// URL"
+            if code in _BAD_CREDENTIALS:
+                return f"S3 refused the credentials ({code}): check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE"
+            if code in ("NoSuchKey", "404"):
+                return f"S3 object not found ({e})"
+    return None
+
+
+def probe(url: str) -> str | None:
+    """One cheap request to the store of `url` (a HEAD of it; of its bucket too when it is missing): None when
+    the store answered and the bucket exists, else the problem in one line. Local paths need no request."""
+    if is_local(url):
+        return None
+    try:
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        if not url_exists(url) and not url_exists(url.split("://", 1)[0] + "://" + bucket):
+            return f"S3 bucket {bucket!r} does not exist: create it or fix the URL {url}"
+    except Exception as exc:  # noqa: BLE001 - only what describe_error names is a user's problem
+        message = describe_error(exc)
+        if message is None:
+            raise
+        return message
+    return None
+
+
 def url_exists(url: str) -> bool:
     fs, path = _fs(url)
     return fs.exists(path)

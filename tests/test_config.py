@@ -7,12 +7,14 @@ from stagewise.train.config import Config, ConfigError, differences, dump_yaml, 
 
 
 def test_defaults_are_the_papers_imagenet_recipe():
+    """Batch, warm-up and decay period are auto (filled from the data by preflight: the paper's 4096, 5 and 2.4
+    on ImageNet, tests/test_first_hour.py); the rest is §5.1 as is."""
     cfg = parse([])
     assert cfg.recipe == "imagenet1k"
     o = cfg.optim
-    assert (o.optimizer, o.batch_size, o.lr, o.lr_batch) == ("rmsprop_tf", 4096, 0.256, 4096)
+    assert (o.optimizer, o.batch_size, o.lr, o.lr_batch) == ("rmsprop_tf", 0, 0.256, 4096)
     assert (o.rmsprop_decay, o.momentum, o.eps) == (0.9, 0.9, 1e-3)
-    assert (o.lr_decay, o.decay_rate, o.decay_epochs, o.warmup_epochs) == ("exponential", 0.97, 2.4, 5.0)
+    assert (o.lr_decay, o.decay_rate, o.decay_epochs, o.warmup_epochs) == ("exponential", 0.97, 0.0, -1.0)
     assert (o.weight_decay, o.label_smoothing, o.ema_decay) == (1e-5, 0.1, 0.9999)
     assert cfg.model.drop_path_rate == 0.2  # survival probability 0.8
     assert (cfg.schedule.epochs, cfg.schedule.stages, cfg.schedule.kind) == (350, 4, "paper")
@@ -59,7 +61,6 @@ def test_toml_file(tmp_path):
     ("data:\n  mean: [0.5, 0.5]\n", "data.mean must be 3 numbers"),
     ("data:\n  hflip_prob: false\n", "data.hflip_prob must be float, got False"),  # a probability, not a switch
     ("data:\n  hflip_prob: 'off'\n", "data.hflip_prob must be float, got 'off'"),
-    ("schedule:\n  kind: cosine\n", "schedule.kind must be one of paper, automl, random-resize; got 'cosine'"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("optim: [unclosed\n", "cannot parse"),
 ])
@@ -75,12 +76,10 @@ def test_bad_files_are_rejected_naming_file_and_key(tmp_path, text, message):
     (["--optim.lrr=1"], "unknown config key 'optim.lrr'"),
     (["--optim.lr=fast"], "--optim.lr: optim.lr must be float, got 'fast'"),
     (["--run.resume=maybe"], "run.resume must be bool"),
-    (["--optim.batch_size=0"], "optim.batch_size must be >= 1"),
+    (["--optim.batch_size=-1"], "optim.batch_size must be >= 1"),
     (["--recipe=imagenet22k"], "recipe must be one of"),
     (["--config", "/nonexistent/x.yaml"], "does not exist"),
-    (["--data.std=0.5,0,0.5"], "data.std must be > 0"),
     (["--data.hflip_prob=no"], "--data.hflip_prob: data.hflip_prob must be float, got 'no'"),
-    (["--data.hflip_prob=1.5"], r"data.hflip_prob must be in \[0, 1\]"),
 ])
 def test_bad_command_lines_are_rejected(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -51,8 +51,9 @@ class DataConfig:
 class ModelConfig:
     name: str = _f("efficientnetv2_s", "a model/ name (see `model.list_models()`) or torchvision:NAME")
     drop_path_rate: float = _f(0.2, "stochastic depth rate = 1 - survival probability (paper §5.1: survival 0.8)")
-    zero_head: bool = _f(False, "zero-initialize the classifier (short runs: starts at loss ln(classes))")
-    bn_momentum: float = _f(0.0, "> 0: torch BN momentum for all BN layers (short runs); 0 = the model's (TF 0.99)")
+    zero_head: bool = _f(True, "zero-initialize the classifier: training starts at loss ln(classes) (train/models.py)")
+    bn_momentum: float = _f(0.0, "> 0: torch BN momentum for all BN layers; 0 = auto: the model's (TF 0.99), faster "
+                                 "on runs under 5,000 steps (docs/training.md, Defaults that fit the data)")
     sync_bn: bool = _f(False, "SyncBatchNorm across ranks")
     channels_last: bool = _f(True, "channels_last memory format for model and images")
     compile: bool = _f(False, "torch.compile the model")
@@ -82,14 +83,16 @@ class ScheduleConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = _f("rmsprop_tf", "rmsprop_tf (paper) | momentum (SGD + Nesterov, for ResNets)")
-    batch_size: int = _f(4096, "global batch, images per step (paper §5.1: 4096)")
+    batch_size: int = _f(0, "global batch, images per step; 0 = auto: the paper's 4096, or a power of two near "
+                             "images/40 on smaller data")
     batch_per_rank: int = _f(0, "> 0: batch per process; the global batch is then this x world size")
     lr: float = _f(0.256, "peak learning rate per `lr_batch` images, scaled linearly with the global batch")
     lr_batch: int = _f(4096, "batch that `lr` refers to (paper: 0.256 per 4096)")
     lr_decay: str = _f("exponential", "exponential (x decay_rate every decay_epochs, staircase) | cosine")
     decay_rate: float = _f(0.97, "exponential decay factor (paper: 0.97)")
-    decay_epochs: float = _f(2.4, "epochs between exponential decays (paper: 2.4)")
-    warmup_epochs: float = _f(5.0, "linear warm-up from 0, epochs (paper: 5)")
+    decay_epochs: float = _f(0.0, "epochs between exponential decays; 0 = auto: the paper's 2.4 per 350 epochs, "
+                                  "scaled to the run")
+    warmup_epochs: float = _f(-1.0, "linear warm-up from 0, epochs; < 0 = auto: the paper's 5, at most 10% of the run")
     weight_decay: float = _f(1e-5, "L2 on conv/linear weights, not on BN or biases (paper: 1e-5)")
     momentum: float = _f(0.9, "RMSProp / SGD momentum (paper: 0.9)")
     rmsprop_decay: float = _f(0.9, "RMSProp squared-gradient decay (paper: 0.9)")
@@ -109,8 +112,11 @@ class RunConfig:
     threads: int = _f(0, "torch CPU threads per process; 0 = torch's default")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
     ckpt_every: int = _f(1000, "checkpoint every N optimizer steps (and at every stage end); 0 = stage ends only")
+    ckpt_every_s: float = _f(1800.0, "also checkpoint when this many seconds passed since the last one (bounds the "
+                                     "work a SIGKILL loses); 0 = off")
     checkpoints: bool = _f(True, "write checkpoints (false: benchmarks and smoke runs that keep nothing)")
     resume: bool = _f(False, "continue from the latest checkpoint in ckpt_dir (if there is one)")
+    overwrite: bool = _f(False, "start a new run in a run.dir that holds one (its log and checkpoints are removed)")
     finetune_from: str = _f("", "checkpoint to start from, with a new classifier head (a resume takes precedence)")
     eval: str = _f("stages", "evaluate the EMA weights on data.val_split: stages (every stage end) | end | none")
     eval_points: int = _f(0, "also evaluate at this many evenly spaced steps (time-to-accuracy curves); 0 = none")
@@ -118,6 +124,8 @@ class RunConfig:
     progress: bool = _f(True, "progress bar per stage (rank 0)")
     plots: bool = _f(True, "PNG plots in run.dir at the end")
     tensorboard: bool = _f(True, "TensorBoard scalars in run.dir")
+    sample_log: bool = _f(False, "each rank writes every step's sample keys to run.dir/samples-rank<R>.jsonl "
+                                 "(which samples each global step trained on, across restarts and world sizes)")
     dist_timeout_s: int = _f(600, "timeout of collective operations, seconds")
 
 
@@ -151,9 +159,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
     "data.device": ("auto", "cuda", "cpu"),
-    "data.on_error": ("raise", "skip"),
     "data.cpu_decoder": ("auto", "host", "dali"),
-    "schedule.kind": ("paper", "automl", "random-resize"),
     "optim.optimizer": ("rmsprop_tf", "momentum"),
     "optim.lr_decay": ("exponential", "cosine"),
     "run.device": ("auto", "cuda", "cpu"),
@@ -332,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`--config FILE`, the short aliases, `--resume`, and one `--section.key` option per leaf."""
     parser.add_argument("--config", metavar="FILE", help="YAML or TOML file with sections of the tree below")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (= --run.resume)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or STAGEWISE_DEBUG=1)")
     for flag, key in ALIASES.items():
         parser.add_argument(flag, dest=f"alias:{key}", metavar="VALUE", help=f"= --{key}")
     for key, t in LEAVES.items():
@@ -378,8 +385,10 @@ def build(file_values: dict[str, Any], cli: dict[str, str], file_name: str = "co
 
 def parse(argv: list[str]) -> Config:
     """The tree from a command line such as `["--config", "a.yaml", "--optim.lr=0.1"]`."""
-    parser = argparse.ArgumentParser(prog="python -m stagewise.train", allow_abbrev=False,
-                                     description="Train a classifier on shards, the EfficientNetV2 way.")
+    from stagewise.pipeline.errors import OneLineParser  # a bad flag is one line, as in every `pipeline` command
+
+    parser = OneLineParser(prog="python -m stagewise.train", allow_abbrev=False,
+                           description="Train a classifier on shards, the EfficientNetV2 way.")
     add_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -389,9 +398,10 @@ def parse(argv: list[str]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks of the trainer's own keys that types alone cannot express. Keys the loader, the schedule or
+    the model interpret are checked by those parts, in `train/preflight.py`, before anything runs."""
     checks = [
-        (cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1"),
+        (cfg.optim.batch_size >= 0, "optim.batch_size must be >= 1 (0 = auto)"),
         (cfg.optim.batch_per_rank >= 0, "optim.batch_per_rank must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.lr_batch >= 1, "optim.lr_batch must be >= 1"),
@@ -399,8 +409,7 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.optim.ema_decay < 1, "optim.ema_decay must be in [0, 1)"),
         (cfg.optim.eps > 0, "optim.eps must be > 0"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
-        (cfg.optim.decay_epochs > 0, "optim.decay_epochs must be > 0"),
+        (cfg.optim.decay_epochs >= 0, "optim.decay_epochs must be > 0 (0 = auto)"),
         (cfg.schedule.stages >= 1, "schedule.stages must be >= 1"),
         (cfg.schedule.epochs >= 1, "schedule.epochs must be >= 1"),
         (cfg.schedule.max_steps >= 0, "schedule.max_steps must be >= 0"),
@@ -409,22 +418,10 @@ def validate(cfg: Config) -> None:
         (cfg.run.ckpt_every >= 0, "run.ckpt_every must be >= 0"),
         (cfg.run.log_every >= 1, "run.log_every must be >= 1"),
         (cfg.run.eval_points >= 0, "run.eval_points must be >= 0"),
-        (all(s > 0 for s in cfg.data.std), "data.std must be > 0"),
-        (0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1, "data.crop_scale must be 0 < lo <= hi <= 1"),
-        (0 <= cfg.data.hflip_prob <= 1, "data.hflip_prob must be in [0, 1]"),
-        (cfg.data.cpu_decoder != "host" or _host_decoder_built(),
-         "data.cpu_decoder=host, but stagewise.loaders._cropdecode was not built (no C compiler or libjpeg "
-         "headers at install); use auto or dali"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-
-
-def _host_decoder_built() -> bool:
-    from stagewise.loaders import hostdecode  # here, not at the top: config stays importable without DALI
-
-    return hostdecode.AVAILABLE
 
 
 # --- Credentials ------------------------------------------------------------------------

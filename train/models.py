@@ -11,28 +11,56 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stagewise.model import create_model, get_variant
+import difflib
+
+from stagewise.model import create_model, get_variant, list_models
 from stagewise.model.variants import Variant
 from stagewise.train import checkpoint
 
 TORCHVISION = "torchvision:"
 
 
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)  # classifiers only
+
+
+def check_name(name: str) -> str | None:
+    """None when `name` is a model this trainer builds, else the problem with the nearest names (torchvision's
+    included: `resnet18` -> `torchvision:resnet18`)."""
+    if name.startswith(TORCHVISION):
+        arch, known = name[len(TORCHVISION):], _torchvision_names()
+        if arch in known:
+            return None
+        near = [TORCHVISION + n for n in difflib.get_close_matches(arch, known, n=2)]
+        what = f"unknown torchvision classifier {arch!r}"
+    else:
+        if name in list_models():
+            return None
+        names = list_models() + [TORCHVISION + n for n in _torchvision_names()]
+        plain = {n[len(TORCHVISION):] if n.startswith(TORCHVISION) else n: n for n in reversed(names)}
+        near = [plain[n] for n in difflib.get_close_matches(name, list(plain), n=2)]  # compare bare names
+        what = f"unknown model {name!r}"
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    return f"model.name: {what}; {hint}(names: stagewise.model.list_models(), or torchvision:NAME)"
+
+
 def build_model(name: str, num_classes: int, *, drop_path_rate: float, tf_same_padding: bool) -> nn.Module:
     """A freshly initialized model with `num_classes` outputs."""
+    problem = check_name(name)
+    if problem is not None:
+        raise ValueError(problem)
     if name.startswith(TORCHVISION):
         import torchvision
 
-        arch = name[len(TORCHVISION):]
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"unknown torchvision classifier {arch!r} in --model {name}")
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(name[len(TORCHVISION):], weights=None, num_classes=num_classes)
     return create_model(name, num_classes=num_classes, dropout=None, drop_path_rate=drop_path_rate,
                         tf_same_padding=tf_same_padding)
 
 
 def variant_of(name: str) -> Variant | None:
-    """The `model/` table row of `name`; None for torchvision models."""
+    """The `model/` table row of `name`; None for torchvision models (ValueError for an unknown name)."""
     return None if name.startswith(TORCHVISION) else get_variant(name)
 
 

@@ -137,9 +137,19 @@ def _round_to_multiple(x: float) -> int:
     return SIZE_MULTIPLE * math.floor(x / SIZE_MULTIPLE + 0.5)
 
 
-def _check(stage: int, n_stages: int, schedule: str) -> None:
+def count(n: int, word: str) -> str:
+    """`1 stage`, `4 stages`, `2 classes`: a number with its noun in the right number."""
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+
+
+def check_kind(schedule: str) -> None:
+    """The schedule kinds this module lays out (the config's `schedule.kind` is checked here, not restated)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def _check(stage: int, n_stages: int, schedule: str) -> None:
+    check_kind(schedule)
     if n_stages < 1:
         raise ValueError(f"n_stages must be >= 1, got {n_stages}")
     if not 0 <= stage < n_stages:
@@ -245,7 +255,8 @@ def plan(preset: Preset, *, epochs: int, n_stages: int, schedule: str = "paper",
         bounds = [min(epochs, i * chunk_epochs) for i in range(n_stages + 1)]
     else:
         if not 1 <= n_stages <= epochs:
-            raise ValueError(f"need 1 <= stages <= epochs, got {n_stages} stages over {epochs} epochs")
+            raise ValueError(f"need 1 <= stages <= epochs, got {count(n_stages, 'stage')} over "
+                             f"{count(epochs, 'epoch')}")
         bounds = [i * epochs // n_stages for i in range(n_stages + 1)]
     rows = []
     for i in range(n_stages):

@@ -1,4 +1,4 @@
-"""Crop windows, chosen in Python so that every random draw comes from (seed, epoch, batch).
+"""Crop windows, chosen in Python so that every random draw comes from (seed, epoch, global step, slot).
 
 The decoder then decodes only the window (`fn.decoders.image_slice`) and the resize
 scales it to the stage size, which together are a random-resized-crop whose output
@@ -23,18 +23,27 @@ def random_resized_crop(
     sizes: np.ndarray,
     scale: tuple[float, float],
     ratio: tuple[float, float],
+    keep: slice | None = None,
+    total: int | None = None,
 ) -> np.ndarray:
-    """Windows [N, 4] float32 as (y, x, h, w) in source pixels, for sizes [N, 2] = (H, W)."""
+    """Windows [N, 4] float32 as (y, x, h, w) in source pixels, for sizes [N, 2] = (H, W).
+
+    The draws are made for `total` slots (default N), one row each, and rows `keep` (default all)
+    are used: `sizes` are those slots' images. Every step below is row-wise, so a slot's window
+    depends on its own draws and size only, whichever other slots a rank holds.
+    """
     n = len(sizes)
+    total = n if total is None else total
+    keep = slice(0, n) if keep is None else keep
     heights = sizes[:, 0:1].astype(np.float64)
     widths = sizes[:, 1:2].astype(np.float64)
     area = heights * widths
-    target = area * rng.uniform(scale[0], scale[1], size=(n, ATTEMPTS))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, ATTEMPTS)))
+    target = area * rng.uniform(scale[0], scale[1], size=(total, ATTEMPTS))[keep]
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(total, ATTEMPTS))[keep])
     w = np.round(np.sqrt(target * aspect))
     h = np.round(np.sqrt(target / aspect))
-    u_y = rng.random(size=(n, ATTEMPTS))
-    u_x = rng.random(size=(n, ATTEMPTS))
+    u_y = rng.random(size=(total, ATTEMPTS))[keep]
+    u_x = rng.random(size=(total, ATTEMPTS))[keep]
     ok = (w > 0) & (w <= widths) & (h > 0) & (h <= heights)
     first = np.argmax(ok, axis=1)  # first valid attempt (0 when none is valid)
     rows = np.arange(n)

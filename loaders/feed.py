@@ -1,8 +1,13 @@
 """One batch's graph inputs: drawn from the batch's own generators, handed to DALI without copies.
 
-Everything random about batch b of epoch e (crop windows, flips, RandAugment draws,
-mixup) comes from generators seeded with (seed, e, b, stream), so a batch is a pure
-function of (seed, e, b, stage, its samples), whichever pipeline runs it and whenever.
+Everything random about a sample of global step t of epoch e (crop window, flip,
+RandAugment ops and magnitudes) comes from generators seeded with (seed, e, t, stream):
+each draws for all G slots of the global batch, in slot order, and a rank keeps the rows
+of its own slots. So a sample's pixels are a pure function of (seed, e, t, its slot,
+stage, its bytes), whatever the world size, whichever pipeline runs it and whenever
+(every draw is row-wise: row i's values do not depend on any other row's sample). Mixup
+and CutMix share one lambda, kind and box per global step; partners are drawn within the
+rank's slots (from the generator of (seed, e, t, MIX_PARTNER_STREAM, first slot)).
 
 Cost per batch of 256 on the consumer thread (2-core CPU machine, docs/benchmarks.md):
 the JPEGs go in as a list of read-only views of the bytes the reader already holds
@@ -18,17 +23,32 @@ import numpy as np
 
 from stagewise.loaders.crop import center_crop, center_region, random_resized_crop, with_margin
 from stagewise.loaders.graph import INPUT_LAYOUTS, Layout
-from stagewise.loaders.mixup import MIX_STREAM, MixParams, draw_mix, mix_feeds
+from stagewise.loaders.mixup import MIX_PARTNER_STREAM, MIX_STREAM, MixParams, draw_mix, mix_feeds
 from stagewise.loaders.params import StageParams
 from stagewise.loaders.randaugment import branchless_inputs, sample_slots, tree_inputs
 from stagewise.loaders.shard_stream import Item
 from stagewise.loaders.spec import AugmentSpec
 
-CROP_STREAM, FLIP_STREAM, RANDAUG_STREAM = 1, 2, 3  # generator stream ids per batch (MIX_STREAM = 4)
+CROP_STREAM, FLIP_STREAM, RANDAUG_STREAM = 1, 2, 3  # generator stream ids per step (MIX_STREAM = 4, MIX_PARTNER_STREAM = 5)
 
 
-def batch_rng(seed: int, epoch: int, batch: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, batch, stream])
+def batch_rng(seed: int, epoch: int, step: int, stream: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, step, stream, *more])
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where a rank's batch sits: global step `step` of `epoch`, slots `rows` of a global batch of `total`."""
+
+    seed: int
+    epoch: int
+    step: int
+    rows: slice
+    total: int
+
+    def rng(self, stream: int) -> np.random.Generator:
+        """The step's generator for `stream`: the same on every rank (draw `total` rows, keep `rows`)."""
+        return batch_rng(self.seed, self.epoch, self.step, stream)
 
 
 @dataclass
@@ -54,49 +74,54 @@ def _size_input(n: int, size: int) -> np.ndarray:
 
 
 def draw_batch(items: list[Item], *, augment: AugmentSpec, layout: Layout, stage: StageParams, seed: int,
-               epoch: int, batch: int) -> Drawn:
+               epoch: int, step: int, slots: slice | None = None, global_batch: int | None = None) -> Drawn:
+    """The inputs of a rank's batch: slots `slots` (default: all) of global step `step`, global batch
+    `global_batch` (default: len(items), a single rank)."""
     n, size = len(items), stage.image_size
+    at = Slots(seed, epoch, step, slots or slice(0, n), global_batch or n)
+    if len(range(at.total)[at.rows]) != n:
+        raise ValueError(f"{n} samples for slots {at.rows} of a global batch of {at.total}")
     sizes = np.empty((n, 2), np.int64)
     sizes[:, 0] = [it.height for it in items]
     sizes[:, 1] = [it.width for it in items]
     inputs: dict[str, object] = {"size": _size_input(n, size)}
     regions = None
     if layout.host_decode:
-        regions = _host_regions(sizes, augment, layout, size, seed, epoch, batch)
+        regions = _host_regions(sizes, augment, layout, size, at)
     else:
         jpgs = [it.view for it in items]  # DALI tensors the shard stream made in its threads (`dali_view`)
         if any(view is None for view in jpgs):
             jpgs = [np.frombuffer(it.jpg, np.uint8) for it in items]
         inputs["jpg"] = jpgs
-        _dali_regions(inputs, sizes, augment, layout, size, seed, epoch, batch)
+        _dali_regions(inputs, sizes, augment, layout, size, at)
     mix = None
     if layout.train:
         layers = augment.randaug_layers or 0
         if layers:
-            slots = sample_slots(batch_rng(seed, epoch, batch, RANDAUG_STREAM), n, layers, stage.randaug_ops,
-                                 stage.randaug_magnitude, size, augment.randaug)
+            slots = sample_slots(at.rng(RANDAUG_STREAM), at.total, layers, stage.randaug_ops,
+                                 stage.randaug_magnitude, size, augment.randaug, keep=at.rows)
             if layout.branchless:
                 inputs.update(branchless_inputs(slots, size))
             else:
                 for k, params in enumerate(slots):
                     for field, array in tree_inputs(params, layout.compact).items():
                         inputs[f"ra{k}_{field}"] = array
-        mix = draw_mix(batch_rng(seed, epoch, batch, MIX_STREAM), n, size, stage)
+        partners = batch_rng(seed, epoch, step, MIX_PARTNER_STREAM, at.rows.start)
+        mix = draw_mix(at.rng(MIX_STREAM), partners, n, size, stage)
         inputs.update(mix_feeds(mix, n, size, layout.branchless))
     return Drawn(inputs, mix, regions)
 
 
-def _draw_windows(sizes: np.ndarray, augment: AugmentSpec, seed: int, epoch: int, batch: int):
+def _draw_windows(sizes: np.ndarray, augment: AugmentSpec, at: Slots):
     """Train: the random-resized-crop windows (y, x, h, w) and the flip flags (0 or 1) of a batch."""
-    windows = random_resized_crop(batch_rng(seed, epoch, batch, CROP_STREAM), sizes, augment.scale, augment.ratio)
-    # Uniform draws in [0, 1) from the batch's own stream: 0 never mirrors, 1 always does, and the
-    # default 0.5 gives the same flags as before the option existed (checkpoints resume bit-exactly).
-    flips = (batch_rng(seed, epoch, batch, FLIP_STREAM).random(len(sizes)) < augment.hflip_prob).astype(np.float32)
+    windows = random_resized_crop(at.rng(CROP_STREAM), sizes, augment.scale, augment.ratio, keep=at.rows,
+                                  total=at.total)
+    # Uniform draws in [0, 1) from the step's own stream, one per slot: 0 never mirrors, 1 always does.
+    flips = (at.rng(FLIP_STREAM).random(at.total)[at.rows] < augment.hflip_prob).astype(np.float32)
     return windows, flips
 
 
-def _host_regions(sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, seed: int, epoch: int,
-                  batch: int) -> np.ndarray:
+def _host_regions(sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, at: Slots) -> np.ndarray:
     """float64 [N, 8]: the region to resize, (y0, x0, y1, x1) in source pixels (x1 < x0 mirrors), then the part
     of the image its filter may read, (top, left, bottom, right). The same windows as the DALI path.
 
@@ -110,7 +135,7 @@ def _host_regions(sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size:
         out[:, 4:6], out[:, 6:8] = 0.0, sizes
         return out
     if layout.train:
-        windows, flips = _draw_windows(sizes, augment, seed, epoch, batch)
+        windows, flips = _draw_windows(sizes, augment, at)
     else:
         windows, flips = center_crop(sizes, size, augment.crop_pct), np.zeros(n, np.float32)
     out[:, 0:2], out[:, 2:4] = _region(windows, flips, relative=False)
@@ -118,12 +143,12 @@ def _host_regions(sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size:
     return out
 
 
-def _dali_regions(inputs: dict, sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int, seed: int,
-                  epoch: int, batch: int) -> None:
+def _dali_regions(inputs: dict, sizes: np.ndarray, augment: AugmentSpec, layout: Layout, size: int,
+                  at: Slots) -> None:
     """The DALI decoder's window and the resize's region inputs."""
     n = len(sizes)
     if layout.train:
-        windows, flips = _draw_windows(sizes, augment, seed, epoch, batch)
+        windows, flips = _draw_windows(sizes, augment, at)
         if layout.roi_decode:
             inputs["window"] = windows
         inputs["crop_start"], inputs["crop_end"] = _region(windows, flips, layout.roi_decode)

@@ -9,8 +9,10 @@
 
 The DALI pipeline is built once, in the constructor. `set_stage` takes effect
 from the very next batch pulled (batches already in flight are fed again).
-`state_dict()` is the position of the next batch; `load_state_dict` resumes there
-with the same batches an uninterrupted run yields (bit-identical in CPU mode).
+`state_dict()` is the global position of the next batch (epoch, global step, seed, global
+batch G = batch_size x world_size); `load_state_dict` resumes there, on any world size that
+divides G, with the same global steps an uninterrupted run yields (bit-identical in CPU mode
+when mixup is off; mixup partners stay within a rank's slice, see docs/loader.md).
 The Loader owns its epochs: it plans each one, opens its shard stream and hands it
 to the runner; while a training epoch ends, the next one is already being read and
 processed. `set_epoch(e)` is there for exact control (and DDP's shared epoch number).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from dataclasses import asdict, replace
 
 import torch
@@ -28,11 +31,14 @@ from stagewise.loaders.feed import dali_view
 from stagewise.loaders.graph import Layout, layout_for
 from stagewise.loaders.mixup import mixed_targets
 from stagewise.loaders.params import StageParams
-from stagewise.loaders.plan import epoch_length, plan_epoch
+from stagewise.loaders.plan import epoch_length, plan_epoch, world_sizes_for
 from stagewise.loaders.runner import Epoch, Runner, Stats
-from stagewise.loaders.shard_stream import LoaderError, ShardStream
+from stagewise.loaders.shard_stream import INDEX_CACHE, IndexCache, LoaderError, ShardStream
 from stagewise.loaders.spec import AugmentSpec, EngineSpec, ReadSpec
 from stagewise.shards import open_split
+
+
+STATE_FORMAT = 2  # state_dict's layout: 2 = a global position (1, without the key, was per rank)
 
 
 class Loader:
@@ -68,17 +74,21 @@ class Loader:
         self.rank, self.world_size = _distributed(rank, world_size)
         self.view = open_split(url, split)
         self.url, self.split, self.batch_size, self.train, self.seed = url, split, batch_size, train, seed
+        self.global_batch = batch_size * self.world_size  # G: a training step's samples over all ranks
         self.num_threads = num_threads or len(os.sched_getaffinity(0))
         self._sizes = [s.num_samples for s in self.view.info.shards]
         layers = stage.randaug_ops if augment.randaug_layers is None else augment.randaug_layers
         self.augment = replace(augment, randaug_layers=layers if train else 0)  # resolved: the graph is built from it
         self.layout: Layout = layout_for(train=train, gpu=gpu, engine=self.engine)
         self._len = epoch_length(self._sizes, train=train, world_size=self.world_size, batch_size=batch_size)
+        # Train: a rank reads its batch_size partitions side by side, so about one shard per partition is open.
+        self._indexes = IndexCache(INDEX_CACHE + (batch_size if train else 0))
         pipes = self.engine.pipelines or (1 if gpu else self.num_threads)
         self._runner = Runner(
             self.augment, self.layout, self.engine, batch_size=batch_size, pipelines=pipes,
             threads_per_pipeline=max(1, self.num_threads // pipes), device_id=device_id,
             depth=self.engine.prefetch or (2 if gpu or self.layout.host_decode else 1), seed=seed, on_error=self.reading.on_error, stage=stage,
+            first_slot=self.rank * batch_size if train else 0, global_batch=self.global_batch if train else batch_size,
         )
         self._runner.set_stage(stage)
         self.stage = stage
@@ -87,6 +97,7 @@ class Loader:
         self._pending: tuple[int, int] | None = None  # from load_state_dict
         self._generation = 0  # bumped by each __iter__: an older iterator stops
         self._next: _Opener | None = None  # training: the next epoch, opened in the background
+        self.batch_keys: list[str] = []  # the keys of the batch last yielded, as trained (faulty ones replaced)
 
     # ------------------------------------------------------------------ public API
     def __len__(self) -> int:
@@ -160,24 +171,59 @@ class Loader:
         self.stage = stage
 
     def state_dict(self) -> dict:
-        epoch, batch = self._pending or (self._epoch if self._epoch is not None else 0, self._position)
+        """The global position of the next batch: the same on every rank, loadable on any world size dividing G.
+
+        "step" counts the batches of the epoch already yielded, which are global steps (every rank
+        takes one batch of each). Eval: this rank's batches of its pass (resume an eval pass on its own W).
+        """
+        epoch, step = self._pending or (self._epoch if self._epoch is not None else 0, self._position)
         return {
-            "epoch": epoch, "batch": batch, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "batch_size": self.batch_size, "split": self.split, "stage": asdict(self.stage),
+            "format": STATE_FORMAT, "epoch": epoch, "step": step, "seed": self.seed,
+            "global_batch": self.global_batch, "split": self.split, "stage": asdict(self.stage),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at (epoch, batch); the next iteration yields exactly the batches an uninterrupted run would."""
+        """Resume at (epoch, step); the next iteration yields exactly the global steps an uninterrupted run would.
+
+        A state saved under any world size loads if its global batch is this loader's. A state of the
+        first format (keys "world_size", "batch") loads on its own world size only, at its (epoch, batch).
+        """
+        if "format" not in state and "world_size" in state:
+            step = self._check_old_state(state)
+        else:
+            if state.get("format") != STATE_FORMAT:
+                raise ValueError(f"loader state format {state.get('format')!r}: this loader reads {STATE_FORMAT}")
+            for key in ("seed", "split"):
+                if state[key] != getattr(self, key):
+                    raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
+                                     f"{getattr(self, key)!r}: the sample order would differ")
+            g = int(state["global_batch"])
+            if g != self.global_batch:
+                sizes = ", ".join(map(str, world_sizes_for(g)))
+                raise ValueError(
+                    f"loader state has global batch {g}; this loader's is {self.global_batch} "
+                    f"({self.world_size} ranks x {self.batch_size}): resume with a world size dividing {g} "
+                    f"({sizes}) and batch_size = {g} / world size"
+                )
+            step = int(state["step"])
+        if not 0 <= step <= len(self):
+            raise ValueError(f"loader state step={step} outside 0..{len(self)}")
+        self._pending = (int(state["epoch"]), step)
+
+    def _check_old_state(self, state: dict) -> int:
+        """A first-format state (per rank: "world_size", "batch_size", "batch"): its own world size only."""
         for key in ("seed", "world_size", "batch_size", "split"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
-                    f"loader state has {key}={state[key]!r} but this loader has {getattr(self, key)!r}: "
-                    "the sample order would differ"
+                    f"loader state (first format) has {key}={state[key]!r} but this loader has "
+                    f"{getattr(self, key)!r}: a state of this format resumes on its own world size and batch size"
                 )
-        batch = int(state["batch"])
-        if not 0 <= batch <= len(self):
-            raise ValueError(f"loader state batch={batch} outside 0..{len(self)}")
-        self._pending = (int(state["epoch"]), batch)
+        warnings.warn(
+            f"loader state of the first format: resuming epoch {state['epoch']} at batch {state['batch']}; the rest "
+            "of that epoch follows the world-size-independent plan, so its sample order differs from the saved run's",
+            RuntimeWarning, stacklevel=3,
+        )
+        return int(state["batch"])
 
     def __iter__(self):
         """The rest of the current epoch; once it is over, the next epoch (train) or the same one again (eval).
@@ -210,13 +256,13 @@ class Loader:
         """The plan of `epoch` and a shard stream started at `batch`."""
         plan = plan_epoch(self._sizes, train=self.train, seed=self.seed, epoch=epoch, rank=self.rank,
                           world_size=self.world_size, batch_size=self.batch_size,
-                          buffer=self.reading.shuffle_buffer if self.train else 0)
+                          buffer=self.reading.shuffle_buffer // self.global_batch if self.train else 0)
         r = self.reading
         stream = ShardStream(
             self.view.shard_urls, self.view.index_urls, self._sizes, plan, start_position=batch * self.batch_size,
             multi_label=self.view.info.multi_label, num_classes=self.num_classes, threads=r.threads,
-            retries=r.retries, backoff=r.backoff, timeout=r.timeout, buffer=r.shuffle_buffer if self.train else 0,
-            lookahead=8 * self.batch_size, max_pixels=r.max_pixels, wrap=dali_view,
+            retries=r.retries, backoff=r.backoff, timeout=r.timeout, lookahead=8 * self.batch_size,
+            max_pixels=r.max_pixels, index_cache=self._indexes, wrap=dali_view,
         )
         return Epoch(epoch, plan, stream, next_feed=batch)
 
@@ -258,6 +304,7 @@ class Loader:
             targets = self._targets(flight)
             runner.stats.handover += time.thread_time() - start
             self._position += 1
+            self.batch_keys = [it.key for it in flight.items]
             yield images, targets
 
     def _targets(self, flight) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Mixup and CutMix: per-batch draws in Python, image mixing in DALI, target mixing in numpy.
 
-Per batch, as timm and the reference do: lambda ~ Beta(alpha, alpha) and one
-permutation, both from the batch's generator (so a resumed run mixes the same
-pairs); targets become lam * t + (1 - lam) * t[perm]. With CutMix (chosen with
+Per global step, as timm and the reference do per batch: lambda ~ Beta(alpha, alpha)
+from the step's generator (the same on every rank), and one permutation of the rank's
+own samples from a generator of the step and the rank's slots (partners stay within a
+rank's slice, so they depend on the world size; a resumed run on the same world size
+mixes the same pairs); targets become lam * t + (1 - lam) * t[perm]. With CutMix (chosen with
 probability `cutmix_prob` when both are on) a box covering about 1 - lam of the
 image is pasted from the partner and lam is corrected to the area pasted.
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from stagewise.loaders.params import StageParams
 
-MIX_STREAM = 4  # generator stream id, see runner.batch_rng
+MIX_STREAM, MIX_PARTNER_STREAM = 4, 5  # generator stream ids, see feed.batch_rng
 NONE, MIXUP, CUTMIX = 0, 1, 2
 
 
@@ -34,10 +36,12 @@ class MixParams:
     box: tuple[int, int, int, int]  # CutMix (y, x, h, w) in output pixels; zeros otherwise
 
 
-def draw_mix(rng: np.random.Generator, n: int, size: int, stage: StageParams) -> MixParams:
-    """The batch's draws, always in the same order (the Beta draw last), whatever the stage."""
+def draw_mix(rng: np.random.Generator, partners: np.random.Generator, n: int, size: int,
+             stage: StageParams) -> MixParams:
+    """The step's draws from `rng`, always in the same order (the Beta draw last), whatever the stage;
+    the n samples' partners from `partners`."""
     choose_cutmix = rng.random() < stage.cutmix_prob
-    perm = rng.permutation(n).astype(np.int32)
+    perm = partners.permutation(n).astype(np.int32)
     centre = rng.random(2)
     if not stage.mixing_on:
         return MixParams(NONE, 1.0, perm, (0, 0, 0, 0))

@@ -3,10 +3,10 @@
 Why not `nvidia.dali.auto_aug.rand_augment`: it needs a Python-int magnitude fixed
 at build time and draws op choices and signs with DALI's own RNG, whose state a
 resumed run cannot reproduce. Here every draw (op, sign, cutout center) comes from
-the batch's numpy Generator, is turned into an op parameter at the stage's image
+the step's numpy Generator (a row per slot of the global batch), is turned into an op parameter at the stage's image
 size, and reaches the pipeline through `fn.external_source`. The same built
 pipeline therefore serves any magnitude and any size, and a batch is a pure
-function of (seed, epoch, batch, stage).
+function of (seed, epoch, global step, slot, stage).
 
 Ops and magnitudes follow the EfficientNetV2 reference (google/automl
 `efficientnetv2/autoaugment.py`, `distort_image_with_randaugment`): 16 ops drawn
@@ -182,25 +182,31 @@ def _tables(magnitude: float, size: int, cfg: RandAugmentConfig) -> _Tables:
 
 
 def sample_slots(
-    rng: np.random.Generator, n: int, slots: int, ops: int, magnitude: float, size: int, cfg: RandAugmentConfig
+    rng: np.random.Generator, n: int, slots: int, ops: int, magnitude: float, size: int, cfg: RandAugmentConfig,
+    keep: slice | None = None,
 ) -> list[SlotParams]:
     """Parameters for `slots` layers; layers at index >= `ops` (or magnitude 0) are identity.
+
+    Drawn for n samples (a global batch), one value per sample per draw; the samples `keep`
+    (default all) are returned, so a rank's slots get the values they get on any world size.
 
     Table-driven: each layer's parameters are gathered from `_tables` by the drawn op and sign, which
     gives the same float32 values as computing them per sample (tests/test_loader_randaugment.py
     compares the two on every op, sign and clamp).
     """
     tables = _tables(float(magnitude), int(size), cfg) if ops > 0 and magnitude > 0 else None
+    keep = slice(0, n) if keep is None else keep
+    kept = len(range(n)[keep])
     out = []
     for layer in range(slots):
-        choice = rng.integers(0, len(REFERENCE_OPS), size=n)  # drawn even when off: keeps streams aligned
-        plus = rng.random(n) >= 0.5  # sign +1 (the per-sample code: -1 where u < 0.5)
-        centres = rng.random((n, 2))
+        choice = rng.integers(0, len(REFERENCE_OPS), size=n)[keep]  # drawn even when off: keeps streams aligned
+        plus = rng.random(n)[keep] >= 0.5  # sign +1 (the per-sample code: -1 where u < 0.5)
+        centres = rng.random((n, 2))[keep]
         if tables is None or layer >= ops:
-            out.append(SlotParams.identity(n))
+            out.append(SlotParams.identity(kept))
             continue
         kernel = tables.kernel[choice]
-        box = np.zeros((n, 4), np.float32)
+        box = np.zeros((kept, 4), np.float32)
         cut = kernel == CUTOUT
         if cut.any():
             pad = tables.pad

@@ -7,8 +7,9 @@ Batches are fed in one global sequence; feed number s goes to pipeline s % P (on
 P independent 1-thread pipelines: DALI runs a pipeline's CPU operators one after
 another and RandAugment's per-sample branches leave threads idle, so 2 pipelines x 1
 thread beat 1 x 2 on 2 cores; see docs/loader.md). Each pipeline holds up to `depth`
-batches in flight. Every random draw of a batch depends on (seed, epoch, batch) only
-(loaders/feed.py), so which pipeline runs it, and when, changes nothing.
+batches in flight. Every random draw of a sample depends on (seed, epoch, global step, its
+slot in the global batch) only (loaders/feed.py), so which rank or pipeline runs it, and
+when, changes nothing.
 
 Stage changes: batches already in flight were fed with the old stage. When the
 consumer pulls the next batch after `set_stage`, they are drained, discarded and fed
@@ -114,10 +115,16 @@ class Runner:
         seed: int,
         on_error: str,
         stage: StageParams,
+        first_slot: int = 0,
+        global_batch: int | None = None,
     ) -> None:
+        """first_slot, global_batch: this rank's batch is slots [first_slot, first_slot + batch_size) of a
+        global batch of `global_batch` samples (default: batch_size, a single rank)."""
         self.augment, self.layout, self.engine = augment, layout, engine
         self.batch_size, self.depth, self.seed, self.on_error = batch_size, depth, seed, on_error
         self.device_id, self.threads_per_pipeline = device_id, threads_per_pipeline
+        self.slots = slice(first_slot, first_slot + batch_size)
+        self.global_batch = global_batch or batch_size
         self.stage = stage
         self.names = input_names(augment, layout)
         self.host = HostDecoder(pipelines * threads_per_pipeline) if layout.host_decode else None
@@ -374,7 +381,8 @@ class Runner:
     def _draw(self, flight: Flight) -> None:
         start = time.thread_time()
         flight.drawn = draw_batch(flight.items, augment=self.augment, layout=self.layout, stage=flight.stage,
-                                  seed=self.seed, epoch=flight.epoch.number, batch=flight.batch)
+                                  seed=self.seed, epoch=flight.epoch.number, step=flight.batch, slots=self.slots,
+                                  global_batch=self.global_batch)
         drawn = time.thread_time()
         self.stats.draw += drawn - start
         if self.host is not None:

@@ -1,11 +1,12 @@
 """`ShardStream`: streaming samples out of shards with fsspec (local paths or s3://), ahead of the pipeline.
 
-Background threads read the samples an `EpochPlan` needs, in input order, as
-ranged reads located by each shard's `.idx` file (one GET per run of up to
-`RUN_SAMPLES` consecutive samples, not one per member). The consumer takes them
-by input index. Reading is gated: input index i is read only once the consumer
-has asked for output positions up to i - buffer - lookahead, so memory stays at
-about buffer + lookahead samples.
+Background threads read the samples an `EpochPlan` needs as ranged reads located by
+each shard's `.idx` file (one GET per run of consecutive samples, not one per member).
+The consumer takes them by input index. A run is read once the consumer has asked for
+output positions up to the first position that needs one of its samples, less
+`lookahead`; runs are read in that order. A training plan is consumed P partitions side
+by side (one sample of each per batch), so runs are cut shorter when P is large
+(`run_length`): memory stays at about P x (run length + shuffle buffer) + lookahead samples.
 
 Faults never hang and always name the shard:
 - a missing or unreadable shard or index: every sample of it becomes a `Fault`;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,8 +35,9 @@ from stagewise.shards.jpeg import read_frame_header
 from stagewise.shards.tar import split_member_name
 from stagewise.loaders.plan import EpochPlan
 
-RUN_SAMPLES = 32  # samples per ranged read (~3 MB of 100 KB JPEGs: one GET)
-INDEX_CACHE = 64  # parsed .idx files kept per stream
+RUN_SAMPLES = 32  # samples per ranged read at most (~3 MB of 100 KB JPEGs: one GET)
+RUN_BUDGET = 1024  # samples in the runs of all partitions together (~100 MB of 100 KB JPEGs), see `run_length`
+INDEX_CACHE = 64  # parsed .idx files kept at least, see `IndexCache`
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, SampleError, ValueError)
 
 
@@ -70,6 +72,36 @@ class _ShardError(Exception):
     pass
 
 
+def run_length(partitions: int) -> int:
+    """Samples per ranged read when a plan is consumed `partitions` streams side by side: RUN_SAMPLES,
+    shortened so that one partly consumed run per partition stays within RUN_BUDGET samples."""
+    return max(1, min(RUN_SAMPLES, RUN_BUDGET // partitions))
+
+
+class IndexCache:
+    """Parsed `.idx` files by shard index, shared by a loader's streams so that a new epoch reads no index
+    again (a small split's whole set stays); least recently used first out beyond `capacity`. Thread-safe."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._parsed: OrderedDict[int, list] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, shard: int) -> list | None:
+        with self._lock:
+            parsed = self._parsed.get(shard)
+            if parsed is not None:
+                self._parsed.move_to_end(shard)
+            return parsed
+
+    def put(self, shard: int, parsed: list) -> None:
+        with self._lock:
+            self._parsed[shard] = parsed
+            self._parsed.move_to_end(shard)
+            while len(self._parsed) > self.capacity:
+                self._parsed.popitem(last=False)
+
+
 class ShardStream:
     def __init__(
         self,
@@ -85,38 +117,38 @@ class ShardStream:
         retries: int,
         backoff: float,
         timeout: float,
-        buffer: int,
         lookahead: int,
         max_pixels: int | None,
+        index_cache: IndexCache | None = None,
         wrap: Callable[[bytes], object] | None = None,
     ) -> None:
         self.urls, self.index_urls, self.sizes = shard_urls, index_urls, shard_sizes
         self.plan, self.multi_label, self.num_classes = plan, multi_label, num_classes
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
-        self.slack = buffer + lookahead
+        self.lookahead = lookahead  # output positions: a run is read this far before it is first needed
         self.max_pixels = max_pixels
         self.wrap = wrap  # applied to each JPEG in the reader threads, off the consumer's thread
         self.retried = 0  # transient errors that were retried (for tests and logs)
         self.cpu_s = 0.0  # CPU seconds spent in the reader threads (bench-loader's accounting)
         self._held: dict[int, Item | Fault] = {}
-        self._index: OrderedDict[int, list | _ShardError] = OrderedDict()
+        self._index = index_cache or IndexCache(INDEX_CACHE)
+        self._failed: dict[int, _ShardError] = {}  # indexes that failed: faults for this epoch, read again in the next
         self._cond = threading.Condition()
         self._gate = 0
         self._stop = False
         self._crash: BaseException | None = None
-        rest = start_position
-        needed = np.unique(plan.order[rest:][plan.real[rest:]])
-        self._runs = deque(self._make_runs(needed))
+        self._inputs, self._samples, self._shards, self._bounds, self._keys = self._make_runs(start_position)
+        self._next_run = 0  # runs are taken in the order of `_keys`
         self._threads = [threading.Thread(target=self._work, name=f"shard-reader-{k}", daemon=True) for k in range(threads)]
         for t in self._threads:
             t.start()
 
     # ------------------------------------------------------------ consumer side
     def advance(self, position: int) -> None:
-        """The consumer will soon need output positions < `position`: allow reading inputs up to there + slack."""
+        """The consumer will soon need output positions < `position`: read the runs first needed before there + lookahead."""
         with self._cond:
-            if position + self.slack > self._gate:
-                self._gate = position + self.slack
+            if position + self.lookahead > self._gate:
+                self._gate = position + self.lookahead
                 self._cond.notify_all()
 
     def take(self, index: int) -> Item | Fault:
@@ -156,35 +188,46 @@ class ShardStream:
             t.join(timeout=10)
 
     # ------------------------------------------------------------ reader threads
-    def _make_runs(self, needed: np.ndarray) -> list[tuple[int, list[int], list[int]]]:
-        """(shard, input indices, sample indices) of up to RUN_SAMPLES consecutive samples of one shard.
+    def _make_runs(self, start: int) -> tuple[np.ndarray, ...]:
+        """The ranged reads the output positions from `start` on need, in the order of the first output
+        position that needs each: (input indices, sample indices) of the needed inputs in input order,
+        then per run its shard, its [a, b) bounds into those two arrays, and that first position.
 
-        Vectorized (it runs on the consumer's thread when an epoch opens): a run breaks where the
-        shard changes, where the samples stop being consecutive, and every RUN_SAMPLES samples.
+        Vectorized, and kept as arrays that the reader threads slice as they go (an ImageNet epoch
+        on one rank with G = 4096 is 1.28 M runs of one sample): a run breaks where the shard changes,
+        where the samples stop being consecutive, at the plan's breaks (a partition's start, its
+        rotation point) and every `run_length` samples.
         """
-        if len(needed) == 0:
-            return []
+        positions = np.arange(start, len(self.plan.order))[self.plan.real[start:]]
+        if len(positions) == 0:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty, np.zeros((0, 2), np.int64), empty
+        needed, first = np.unique(self.plan.order[positions], return_index=True)  # sorted; where each first appears
+        first_needed = positions[first]
         seg, sample = self.plan.locate(needed)
         shard = np.array([s[0] for s in self.plan.segments], np.int64)[seg]
-        group = np.concatenate([[0], np.cumsum((np.diff(shard) != 0) | (np.diff(sample) != 1))])
-        first = np.concatenate([[0], np.flatnonzero(np.diff(group)) + 1])  # index where each group starts
-        offset = np.arange(len(needed)) - np.repeat(first, np.diff(np.append(first, len(needed))))
-        starts = np.flatnonzero(np.concatenate([[True], np.diff(group) != 0]) | (offset % RUN_SAMPLES == 0))
-        bounds = np.append(starts, len(needed)).tolist()
-        inputs, samples, shards = needed.tolist(), sample.tolist(), shard[starts].tolist()
-        return [(shards[r], inputs[a:b], samples[a:b]) for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        cut = (np.diff(shard) != 0) | (np.diff(sample) != 1) | np.isin(needed[1:], self.plan.breaks)
+        head = np.concatenate([[0], np.flatnonzero(cut) + 1])  # where each contiguous group starts
+        offset = np.arange(len(needed)) - np.repeat(head, np.diff(np.append(head, len(needed))))
+        starts = np.flatnonzero(np.concatenate([[True], cut]) | (offset % run_length(self.plan.partitions) == 0))
+        keys = np.minimum.reduceat(first_needed, starts)
+        bounds = np.stack([starts, np.append(starts[1:], len(needed))], axis=1)
+        order = np.argsort(keys, kind="stable")
+        return needed, sample, shard[starts][order], bounds[order], keys[order]
 
     def _work(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._stop and self._runs and self._runs[0][1][0] >= self._gate:
+                    while (not self._stop and self._next_run < len(self._keys)
+                           and self._keys[self._next_run] >= self._gate):
                         self._cond.wait(1.0)
-                    if self._stop or not self._runs:
+                    if self._stop or self._next_run >= len(self._keys):
                         return
-                    shard, inputs, samples = self._runs.popleft()
+                    run, self._next_run = self._next_run, self._next_run + 1
                 start = time.thread_time()
-                results = self._read_run(shard, inputs, samples)
+                a, b = self._bounds[run].tolist()
+                results = self._read_run(int(self._shards[run]), self._inputs[a:b].tolist(), self._samples[a:b].tolist())
                 with self._cond:
                     self.cpu_s += time.thread_time() - start
                     if self._stop:
@@ -217,27 +260,27 @@ class ShardStream:
         raise AssertionError("unreachable")
 
     def _shard_index(self, shard: int) -> list:
+        cached = self._index.get(shard)
+        if cached is not None:
+            return cached
         with self._cond:
-            cached = self._index.get(shard)
-        if cached is None:
-            index_url = self.index_urls[shard]
-            try:
-                fs, path = fsspec.core.url_to_fs(index_url)
-                text = self._retrying(f"reading index {index_url}", lambda: fs.cat_file(path))
-                cached = parse_index(text.decode("ascii", errors="replace"), index_url)
-                if len(cached) != self.sizes[shard]:
-                    raise _ShardError(f"{index_url} lists {len(cached)} samples, the manifest {self.sizes[shard]}")
-            except ValueError as exc:
-                cached = _ShardError(str(exc))
-            except _ShardError as exc:
-                cached = exc
+            failed = self._failed.get(shard)
+        if failed is not None:
+            raise failed
+        index_url = self.index_urls[shard]
+        try:
+            fs, path = fsspec.core.url_to_fs(index_url)
+            text = self._retrying(f"reading index {index_url}", lambda: fs.cat_file(path))
+            parsed = parse_index(text.decode("ascii", errors="replace"), index_url)
+            if len(parsed) != self.sizes[shard]:
+                raise _ShardError(f"{index_url} lists {len(parsed)} samples, the manifest {self.sizes[shard]}")
+        except (ValueError, _ShardError) as exc:
+            error = exc if isinstance(exc, _ShardError) else _ShardError(str(exc))
             with self._cond:
-                self._index[shard] = cached
-                while len(self._index) > INDEX_CACHE:
-                    self._index.popitem(last=False)
-        if isinstance(cached, _ShardError):
-            raise cached
-        return cached
+                self._failed[shard] = error
+            raise error from None
+        self._index.put(shard, parsed)
+        return parsed
 
     def _read_run(self, shard: int, inputs: list[int], samples: list[int]) -> list[tuple[int, Item | Fault]]:
         url = self.urls[shard]

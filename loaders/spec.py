@@ -103,7 +103,7 @@ class ReadSpec:
 
     on_error: str = "raise"  # "raise": LoaderError naming shard and key; "skip": replace, count, warn
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse images whose frame header says h * w > this; None: no limit
-    shuffle_buffer: int = 1024  # samples, train only
+    shuffle_buffer: int = 1024  # samples, train only: over the G partitions together (each gets shuffle_buffer // G)
     threads: int = 2  # reader threads per epoch
     retries: int = 3  # per read, for transient errors (connection, timeout, S3 5xx)
     backoff: float = 0.5  # seconds before the first retry, doubling

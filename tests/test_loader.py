@@ -192,7 +192,7 @@ def test_resume_from_a_saved_position_gives_bit_identical_batches(photos):
             loader.load_state_dict(state)
         loader.set_epoch(1)
         batches, saved = [], None
-        start = loader.state_dict()["batch"]
+        start = loader.state_dict()["step"]
         for b, batch in enumerate(loader, start=start):
             batches.append(batch)
             if b == 1:
@@ -203,7 +203,7 @@ def test_resume_from_a_saved_position_gives_bit_identical_batches(photos):
         return batches, saved
 
     full, saved = run()
-    assert saved["epoch"] == 1 and saved["batch"] == 2
+    assert saved["epoch"] == 1 and saved["step"] == 2
     resumed, _ = run(saved)
     assert len(resumed) == len(full) - 2 == 4
     for (xa, ya), (xb, yb) in zip(full[2:], resumed):

@@ -49,7 +49,7 @@ def _run(layout: Layout, items: list[Item], batches: int = 3, augment: AugmentSp
     feeder = Feeder(pipe)
     for stage in STAGES:
         for b in range(batches):
-            drawn = draw_batch(items, augment=augment, layout=layout, stage=stage, seed=5, epoch=1, batch=b)
+            drawn = draw_batch(items, augment=augment, layout=layout, stage=stage, seed=5, epoch=1, step=b)
             feeder(names, drawn.inputs)
             pipe.schedule_run()
             (out,) = pipe.outputs()
@@ -107,7 +107,7 @@ def test_the_fast_feeder_gives_what_dalis_public_feed_input_gives(items):
                             seed=0) for _ in range(2)]
     names = input_names(AUGMENT, layout)
     assert Feeder(pipes[0]).direct  # the backend calls exist in this DALI: the fast path is the one under test
-    drawn = draw_batch(items, augment=AUGMENT, layout=layout, stage=STAGES[1], seed=1, epoch=0, batch=0)
+    drawn = draw_batch(items, augment=AUGMENT, layout=layout, stage=STAGES[1], seed=1, epoch=0, step=0)
     numpy_jpgs = dict(drawn.inputs, jpg=[np.frombuffer(it.jpg, np.uint8) for it in items])
     Feeder(pipes[0])(names, drawn.inputs)
     feed(pipes[1], names, numpy_jpgs)
@@ -151,11 +151,11 @@ def test_the_one_pass_targets_are_the_straightforward_ones():
         for stage in stages:
             for trial in range(10):
                 labels = [(int(i),) for i in rng.integers(0, classes, 64)]
-                mix = draw_mix(np.random.default_rng(trial), 64, 128, stage)
+                mix = draw_mix(np.random.default_rng(trial), np.random.default_rng([trial, 1]), 64, 128, stage)
                 want = mix_targets(soft_targets(labels, classes, stage.label_smoothing), mix)
                 assert mixed_targets(labels, classes, stage.label_smoothing, mix).tobytes() == want.tobytes()
     multi = [(0, 2), (1,), (2, 0, 1)]
-    mix = draw_mix(np.random.default_rng(1), 3, 128, stages[0])
+    mix = draw_mix(np.random.default_rng(1), np.random.default_rng(2), 3, 128, stages[0])
     assert mixed_targets(multi, 3, 0.1, mix).tobytes() == mix_targets(soft_targets(multi, 3, 0.1), mix).tobytes()
 
 

@@ -69,16 +69,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Every rank waits here for the others (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on any rank (so all ranks stop together)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
 
 
 @torch.no_grad()

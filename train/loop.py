@@ -8,7 +8,10 @@ epochs, and at its end `evaluate`s the EMA weights and checkpoints
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,19 +21,20 @@ import torch
 from torch import nn
 
 from stagewise.loaders import Loader
-from stagewise.shards import open_split
+from stagewise.loaders.plan import world_sizes_for
 from stagewise.shards.store import join_url, url_exists, write_atomic
-from stagewise.train import checkpoint, config, data, distributed, models
+from stagewise.train import checkpoint, config, data, distributed, interrupts, models, preflight
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.ema import EMA
 from stagewise.train.losses import loss_fn, topk_correct
 from stagewise.train.optim import build_optimizer, learning_rate, scaled_lr, set_lr
-from stagewise.train.schedule import StagePlan, plan, preset_from_config
+from stagewise.train.schedule import StagePlan, count
 from stagewise.train.telemetry import Meter, Telemetry
 
 # Keys that may change between a run and its resume: where and how much it logs, not what it computes.
-RESUME_FREE = ("run.resume", "run.progress", "run.log_every", "run.ckpt_every", "run.dir", "run.ckpt_dir", "run.plots",
-               "run.tensorboard", "run.dist_timeout_s", "run.eval_points", "data.num_threads", "data.url")
+RESUME_FREE = ("run.resume", "run.progress", "run.log_every", "run.ckpt_every", "run.ckpt_every_s", "run.dir",
+               "run.ckpt_dir", "run.plots", "run.tensorboard", "run.sample_log", "run.dist_timeout_s", "run.eval_points",
+               "data.num_threads", "data.url")
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,6 +76,8 @@ class Run:
     loss_n: int = 0
     loader: Loader | None = None
     started: float = field(default_factory=time.time)  # wall clock, for the last line
+    signals: interrupts.StopSignals = field(default_factory=interrupts.StopSignals)
+    saved_at: float = field(default_factory=time.monotonic)  # the last checkpoint (run.ckpt_every_s)
 
     @property
     def done(self) -> bool:
@@ -84,15 +90,25 @@ class Run:
 
 
 def train(cfg: Config, print_config: bool = True) -> dict:
-    """Run the whole training described by `cfg`; returns the final metrics and every evaluation (on every rank)."""
+    """Run the whole training described by `cfg`; returns the final metrics and every evaluation (on every rank).
+
+    Preflight first (train/preflight.py): a problem found before the first step stops the run before anything
+    is created, and the auto values are filled from the data."""
+    checked = preflight.check(cfg)
+    cfg = checked.cfg
     d = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
+    distributed.barrier()  # no rank creates the run folder before every rank checked it
+    if cfg.run.overwrite and d.is_main:
+        preflight.clear_run(cfg)
     tel = Telemetry(cfg.run.dir, enabled=d.is_main, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     threads = torch.get_num_threads()
+    signals = interrupts.StopSignals().install()  # Ctrl-C / SIGTERM: a checkpoint at the next step, then exit
     run = None
     try:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        run = setup(cfg, d, tel, print_config)
+        run = setup(checked, d, tel, print_config)
+        run.signals = signals
         result: dict = {}
         for sp in run.stages[stage_of(run.stages, run.epoch):]:
             begin_stage(run, sp)
@@ -106,40 +122,30 @@ def train(cfg: Config, print_config: bool = True) -> dict:
         if run is not None and run.loader is not None:
             run.loader.close()  # however the run ends: its reader threads and pipelines go
         torch.set_num_threads(threads)  # process-wide state: leave it as found (train() may run in a test process)
+        signals.restore()
         tel.close()
         distributed.teardown()
 
 
-def setup(cfg: Config, d: distributed.Dist, tel: Telemetry, print_config: bool) -> Run:
-    """Config printed and saved, stages planned, model, EMA and optimizer built, and a checkpoint resumed."""
+def setup(checked: preflight.Plan, d: distributed.Dist, tel: Telemetry, print_config: bool) -> Run:
+    """Config printed and saved, model, EMA and optimizer built, and a checkpoint resumed (the stages were
+    planned by preflight)."""
+    cfg = checked.cfg
     cfg_yaml, cfg_tree = config.dump_yaml(cfg), config.redacted(config.to_dict(cfg))
     tel.print(f"config:\n{cfg_yaml}" if print_config else f"config: {cfg.run.dir}/{checkpoint.CONFIG_NAME}")
     if d.is_main:
         write_atomic(join_url(cfg.run.dir, checkpoint.CONFIG_NAME), cfg_yaml.encode())
 
     # --- data and stages
-    if not cfg.data.url:
-        raise ConfigError("data.url is empty: pass --data DEST (a dataset built by `pipeline build-shards`)")
-    split = open_split(cfg.data.url, cfg.data.train_split)
-    variant = models.variant_of(cfg.model.name)
-    preset = preset_from_config(cfg.schedule, cfg.model.name, variant)
-    batch = data.global_batch(cfg, d.world_size)
-    epochs, max_steps = cfg.schedule.epochs, cfg.schedule.max_steps
-    if max_steps:  # step-counted recipes (transfer: 10,000 steps): enough epochs to hold them
-        epochs = math.ceil(max_steps / max(1, split.num_samples // batch))
-    stages = plan(preset, epochs=epochs, n_stages=min(cfg.schedule.stages, epochs), schedule=cfg.schedule.kind,
-                  num_images=split.num_samples, batch_size=batch, adaptive=cfg.schedule.adaptive, seed=cfg.run.seed,
-                  chunk_epochs=cfg.schedule.chunk_epochs, per_stage_batch=cfg.schedule.per_stage_batch,
-                  batch_multiple=d.world_size)
+    split, variant, preset, batch, stages = checked.split, checked.variant, checked.preset, checked.batch, checked.stages
+    epochs, max_steps = checked.epochs, checked.max_steps
     total_steps = max_steps or sum(sp.steps for sp in stages)
-    tel.print(f"data: {split.num_samples} {cfg.data.train_split} images, {split.num_classes} classes"
-              f"{' (multi-label)' if split.info.multi_label else ''}; {d.world_size} process(es) on {d.device}, "
-              f"global batch {batch}; {len(stages)} stage{'s' * (len(stages) != 1)} over {epochs} epochs "
-              f"({cfg.schedule.kind})")
-    if variant is not None and preset.min_size <= variant.stride:  # padded stride-2 convs round up: ceil(size / 32)
-        tel.print(f"note: the first stage trains at {preset.min_size} px, where {cfg.model.name}'s last feature maps "
-                  f"are 1x1: the outer taps of their kernels see only padding there, and such weights carry badly "
-                  f"to larger sizes (docs/training.md); start above {variant.stride} px (schedule.min_size)")
+    tel.print(f"data: {count(split.num_samples, cfg.data.train_split + ' image')}, "
+              f"{count(split.num_classes, 'class')}{' (multi-label)' if split.info.multi_label else ''}; "
+              f"{count(d.world_size, 'process')} on {d.device}, global batch {batch}; "
+              f"{count(len(stages), 'stage')} over {count(epochs, 'epoch')} ({cfg.schedule.kind})")
+    for line in checked.notes:
+        tel.print(line)
 
     # --- model, EMA, optimizer
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
@@ -180,9 +186,11 @@ def setup(cfg: Config, d: distributed.Dist, tel: Telemetry, print_config: bool) 
 
     # --- resume
     torch.manual_seed(cfg.run.seed + 7919 * d.rank)  # dropout / drop-path masks differ between ranks
-    if cfg.run.resume and url_exists(run.latest):
-        _resume(run)
-    elif cfg.run.resume:
+    wanted = cfg.run.resume or interrupts.under_torchrun()  # a restart by torchrun's elastic agent is a resume
+    ck = checkpoint.load(run.latest) if wanted and url_exists(run.latest) else None
+    if ck is not None and (cfg.run.resume or interrupts.elastic_restart(ck.get("elastic_run_id"))):
+        _resume(run, ck)
+    elif cfg.run.resume or interrupts.elastic_restart():
         tel.print(f"resume: no checkpoint at {config.redact_text(run.latest)}; starting from the beginning")
     return run
 
@@ -235,18 +243,26 @@ def train_one_epoch(run: Run, sp: StagePlan) -> None:
         run.loss_sum += loss.detach()
         run.loss_n += 1
         run.images_seen += images.shape[0] * d.world_size
+        if cfg.run.sample_log:
+            _log_samples(run, loader.batch_keys)
         meter.did_step(images.shape[0] * d.world_size)
         run.tel.update_bar(1)
         if run.batch_in_epoch == n_batches:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-        ckpt_now = cfg.run.ckpt_every and run.step % cfg.run.ckpt_every == 0
+        ckpt_now = bool(cfg.run.ckpt_every and run.step % cfg.run.ckpt_every == 0)
+        stop = None
         if run.step % check_every == 0 or ckpt_now:
-            _stop_if_diverged(run, sp, loss)
+            stop, due = _agree(run, sp, loss)
+            ckpt_now = ckpt_now or due
         if run.step % cfg.run.log_every == 0:
             _log_train(run, sp, list(images.shape))
-        if ckpt_now:
-            save_checkpoint(run, stage_end=None)
         at_stage_end = run.epoch == sp.end_epoch or run.done
+        stop = stop if not at_stage_end else None  # end_stage evaluates and checkpoints; the next step stops
+        if ckpt_now or stop:
+            save_checkpoint(run, stage_end=None)
+        if stop:
+            raise interrupts.Interrupted(stop, run.step, f"interrupted at step {run.step}; continue with: "
+                                         f"{interrupts.resume_command()}" if d.is_main else "")
         if run.step in run.eval_steps and not (at_stage_end and _evaluates_at_end(run, sp)):
             evaluate_now(run, sp)
         if run.done:
@@ -321,18 +337,22 @@ def save_checkpoint(run: Run, stage_end: int | None) -> None:
     if not run.cfg.run.checkpoints:
         return
     if run.d.is_main:
+        # the loader's position is global (epoch, step, seed, global batch): it resumes on any world size
         position = checkpoint.plain(run.loader.state_dict()) if run.loader is not None and run.batch_in_epoch else None
-        payload = {"model": run.model.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
-                   "optimizer": run.opt.state_dict(), "step": run.step, "epoch": run.epoch,
-                   "batch": run.batch_in_epoch, "stage": stage_of(run.stages, run.epoch), "loader": position,
-                   "rng": rngs, "config": run.cfg_tree, "train_seconds": run.train_seconds,
-                   "images_seen": run.images_seen, "evals": run.evals}
+        weights = {"model": run.model.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
+                   "step": run.step, "epoch": run.epoch, "stage": stage_of(run.stages, run.epoch),
+                   "config": run.cfg_tree, "evals": run.evals}
+        payload = {**weights, "optimizer": run.opt.state_dict(), "batch": run.batch_in_epoch, "loader": position,
+                   "rng": rngs, "train_seconds": run.train_seconds, "images_seen": run.images_seen,
+                   "stage_batches": [sp.batch_size for sp in run.stages],
+                   "elastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID")}
         checkpoint.save(run.latest, payload, run.cfg_yaml)
-        if stage_end is not None:
+        if stage_end is not None:  # weights only (model and EMA): last.pt alone resumes
             ckpt_dir = run.cfg.run.ckpt_dir or run.cfg.run.dir
-            checkpoint.save(join_url(ckpt_dir, checkpoint.stage_name(stage_end)), payload, run.cfg_yaml)
+            checkpoint.save(join_url(ckpt_dir, checkpoint.stage_name(stage_end)), weights, run.cfg_yaml)
         run.tel.log("checkpoint", run.step, {"url": run.latest, "epoch": run.epoch, "batch": run.batch_in_epoch})
     run.last_good = (run.latest, run.step)
+    run.saved_at = time.monotonic()
 
 
 def finish(run: Run, result: dict) -> dict:
@@ -365,8 +385,7 @@ def stage_of(stages: list[StagePlan], epoch: int) -> int:
 # --- helpers of the steps above -------------------------------------------------------------------
 
 
-def _resume(run: Run) -> None:
-    ck = checkpoint.load(run.latest)
+def _resume(run: Run, ck: dict) -> None:
     adopted = config.adopt_from_checkpoint(run.cfg, ck["config"])  # before any loader is built
     if adopted:
         run.cfg_yaml, run.cfg_tree = config.dump_yaml(run.cfg), config.redacted(config.to_dict(run.cfg))
@@ -376,6 +395,7 @@ def _resume(run: Run) -> None:
     changed = config.differences(ck["config"], run.cfg_tree, ignore=RESUME_FREE)
     if changed:
         raise ConfigError(f"refusing to resume {run.latest} with a different config: {'; '.join(changed)}")
+    _check_global_batch(run, ck)
     run.model.load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["optimizer"])
     if run.ema is not None:
@@ -384,10 +404,28 @@ def _resume(run: Run) -> None:
     run.loader_state, run.last_good = ck["loader"], (run.latest, run.step)
     run.seconds_before, run.images_seen = ck.get("train_seconds", 0.0), ck.get("images_seen", 0)
     run.evals = list(ck.get("evals", []))
-    if len(ck["rng"]) == run.d.world_size:
+    saved_world = len(ck["rng"])
+    if saved_world == run.d.world_size:
         checkpoint.set_rng_state(ck["rng"][run.d.rank])
+    else:  # each rank's dropout and drop-path masks: drawn afresh, from (seed, step, rank) (docs/training.md)
+        torch.manual_seed(run.cfg.run.seed + 7919 * run.d.rank + 104_729 * run.step)
     run.tel.print(f"resumed from {config.redact_text(run.latest)}: step {run.step}, epoch {run.epoch}, "
-                  f"batch {run.batch_in_epoch}")
+                  f"batch {run.batch_in_epoch}"
+                  + (f"; on {run.d.world_size} process{'es' * (run.d.world_size != 1)} instead of {saved_world}: "
+                     f"the same samples per global step, new dropout masks" if saved_world != run.d.world_size
+                     else ""))
+
+
+def _check_global_batch(run: Run, ck: dict) -> None:
+    """A resume on another world size keeps every stage's global batch (so the samples of each step and the LR);
+    a world size that cannot is refused, naming those that can."""
+    saved, now = ck.get("stage_batches"), [sp.batch_size for sp in run.stages]
+    if saved is None or saved == now:
+        return
+    sizes = ", ".join(str(w) for w in world_sizes_for(math.gcd(*saved)))
+    raise ConfigError(f"{run.latest} trained with global batch {'/'.join(map(str, saved))} per step, this run would "
+                      f"use {'/'.join(map(str, now))} on {run.d.world_size} process(es): resume with the same "
+                      f"--optim.batch_size (global) on a world size dividing it ({sizes})")
 
 
 def _evaluates_at_end(run: Run, sp: StagePlan) -> bool:
@@ -396,12 +434,23 @@ def _evaluates_at_end(run: Run, sp: StagePlan) -> bool:
     return bool(run.cfg.data.val_split) and (run.cfg.run.eval == "stages" or (run.cfg.run.eval == "end" and last))
 
 
-def _stop_if_diverged(run: Run, sp: StagePlan, loss: torch.Tensor) -> None:
-    bad = not bool(torch.isfinite(loss.detach()))
-    if distributed.any_true(bad, run.d.device):
+def _agree(run: Run, sp: StagePlan, loss: torch.Tensor) -> tuple[int | None, bool]:
+    """What every rank must decide alike after a step, in one collective: a non-finite loss on any rank (raises),
+    a stop signal on any rank (returns SIGINT or SIGTERM), a checkpoint due by rank 0's clock (run.ckpt_every_s)."""
+    asked = run.signals.requested
+    every_s = run.cfg.run.ckpt_every_s
+    due = run.d.is_main and every_s > 0 and time.monotonic() - run.saved_at >= every_s
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(asked == signal.SIGINT), device=loss.device),
+                         torch.tensor(float(asked == signal.SIGTERM), device=loss.device),
+                         torch.tensor(float(due), device=loss.device)])
+    bad, sigint, sigterm, due = (v > 0 for v in distributed.all_reduce_sum(flags).tolist())
+    if bad:
         where = f"{run.last_good[0]} (step {run.last_good[1]})" if run.last_good else "none was written"
         raise TrainingDiverged(f"loss is {loss.item()} at step {run.step} (stage {sp.stage + 1}, epoch {run.epoch}); "
                                f"stopping. Last good checkpoint: {where}")
+    stop = signal.SIGINT if sigint else signal.SIGTERM if sigterm else None
+    return stop, due
 
 
 def _log_train(run: Run, sp: StagePlan, input_shape: list[int]) -> None:
@@ -416,6 +465,15 @@ def _log_train(run: Run, sp: StagePlan, input_shape: list[int]) -> None:
         "model_dropout": getattr(run.model, "dropout_rate", None), "img_per_s": img_s, "data_wait_pct": wait})
     run.loss_sum.zero_()
     run.loss_n = 0
+
+
+def _log_samples(run: Run, keys: list[str]) -> None:
+    """One line per step and rank: which samples it trained on (run.sample_log), tagged with the world size and
+    torchrun's restart count, so that steps redone after a restart can be told from the first try."""
+    line = {"step": run.step, "epoch": run.epoch, "rank": run.d.rank, "world_size": run.d.world_size,
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0), "keys": keys}
+    with open(os.path.join(run.cfg.run.dir, f"samples-rank{run.d.rank}.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _sync_buffers(run: Run) -> None:

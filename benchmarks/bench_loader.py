@@ -12,8 +12,12 @@ Per batch, for our side (medians over rounds; the loader's own accounting, `Load
 - assemble / draw / feed: CPU ms of the consuming thread taking the samples, drawing the
   random parameters, and feeding DALI (feed_input, schedule_run);
 - hand-over: its CPU ms in `outputs()`, the DLPack hand-over and the targets;
-- other: the rest of the consuming thread's CPU (the runner's bookkeeping, and opening each
-  epoch: its plan and shard stream, which this benchmark's small datasets do every few batches);
+- other: the rest of the consuming thread's CPU (the runner's bookkeeping, and handing each
+  epoch over, which this benchmark's small datasets do every few batches);
+- epochs, open: epochs begun per timed round, and CPU ms per epoch to open it (its plan and
+  shard stream, mostly in a background thread). On a small split (105 images, batch 64: one
+  batch an epoch) every batch turns an epoch over; the runner then keeps several epochs in
+  flight, so the rate should stay near a large split's (see docs/loader.md, Epoch turnover);
 - consumer: all of the consuming thread's CPU per batch, pulling as fast as it can;
 - ready: the same when each batch is ready before it is pulled, as in a trainer whose step
   takes longer than the loader's batch: every round also pulls `--batches` batches, each
@@ -140,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
             row[f"{column}_ms"] = round(float(np.median(values)), 3)
             row[f"{column}_ms_range"] = [round(min(values), 3), round(max(values), 3)]
         row["ceiling_img_s"] = round(args.batch_size / row["ready_ms"] * 1e3, 1)
+        for column, name in (("epochs", "epochs_per_round"), ("open_per_epoch", "open_ms_per_epoch")):
+            values = [p[column] for p in parts]
+            row[name], row[f"{name}_range"] = round(float(np.median(values)), 3), [min(values), max(values)]
         row["ops"], row["gpu_graph_ops"] = ops, gpu_ops
         row["engine"] = {k: v for k, v in vars(engine).items() if v is not None}
         rows.append(row)
@@ -182,12 +189,14 @@ def run(args: argparse.Namespace) -> int:
           f"wall time waiting, CPU of the host decoder's and of DALI's threads; graph operators: "
           f"{ops} here, {gpu_ops} in the GPU graph; decoder: {'host' if loader.layout.host_decode else 'DALI'}")
     print(f"{'size':>5} {'assemble':>9} {'draw':>6} {'feed':>6} {'hand-over':>10} {'other':>6} {'consumer':>9} "
-          f"{'ready':>6} {'ready hand-over':>16} {'ceiling img/s':>14} {'wait':>8} {'host decode':>12} {'DALI CPU':>9}")
+          f"{'ready':>6} {'ready hand-over':>16} {'ceiling img/s':>14} {'wait':>8} {'host decode':>12} {'DALI CPU':>9} "
+          f"{'epochs/round':>13} {'open ms/epoch':>14}")
     for r in rows:
         print(f"{r['size']:>5} {r['assemble_ms']:>9.2f} {r['draw_ms']:>6.2f} {r['feed_ms']:>6.2f} "
               f"{r['handover_ms']:>10.2f} {r['other_ms']:>6.2f} {r['consumer_ms']:>9.2f} {r['ready_ms']:>6.2f} "
               f"{r['ready_handover_ms']:>16.2f} {r['ceiling_img_s']:>14.0f} {r['wait_ms']:>8.1f} "
-              f"{r['host_cpu_ms']:>12.1f} {r['dali_cpu_ms']:>9.1f}")
+              f"{r['host_cpu_ms']:>12.1f} {r['dali_cpu_ms']:>9.1f} {r['epochs_per_round']:>13.0f} "
+              f"{r['open_ms_per_epoch']:>14.2f}")
     for section in extra:
         print()
         print(section)
@@ -226,7 +235,10 @@ def _our_round(loader, stream, args) -> tuple[float, dict]:
     part = {"assemble": stats.assemble, "draw": stats.draw, "feed": stats.feed, "handover": stats.handover,
             "other": max(consumer - parts, 0.0), "consumer": consumer, "wait": stats.wait, "host_cpu": host,
             "dali_cpu": max(dali, 0.0)}
-    return images / elapsed, {k: v / n * 1e3 for k, v in part.items()}
+    per_batch = {k: v / n * 1e3 for k, v in part.items()}
+    per_batch["epochs"] = stats.epochs  # per round, not per batch
+    per_batch["open_per_epoch"] = stats.open / max(stats.epochs, 1) * 1e3
+    return images / elapsed, per_batch
 
 
 def _ready_round(loader, stream, args, pause_s: float) -> dict:

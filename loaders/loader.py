@@ -157,13 +157,13 @@ class Loader:
         start = self._pending[1] if self._pending and self._pending[0] == epoch else 0
         self._pending = None
         runner = self._runner
-        if runner.ahead is not None and runner.ahead.number == epoch and start == 0:
+        if runner.ahead and runner.ahead[0].number == epoch and start == 0:
             runner.promote()  # its first batches are in flight already
         else:
             runner.begin(self._take_next(epoch) if start == 0 else self._open_epoch(epoch, start))
         self._epoch, self._position = epoch, start
         self._generation += 1
-        self._prepare_next(epoch + 1)
+        self._prepare_next((runner.ahead[-1].number if runner.ahead else epoch) + 1)
 
     def set_stage(self, stage: StageParams) -> None:
         """Takes effect from the very next batch pulled (in-flight batches are fed again)."""
@@ -254,6 +254,7 @@ class Loader:
     # ------------------------------------------------------------------ internals
     def _open_epoch(self, epoch: int, batch: int) -> Epoch:
         """The plan of `epoch` and a shard stream started at `batch`."""
+        start = time.thread_time()
         plan = plan_epoch(self._sizes, train=self.train, seed=self.seed, epoch=epoch, rank=self.rank,
                           world_size=self.world_size, batch_size=self.batch_size,
                           buffer=self.reading.shuffle_buffer // self.global_batch if self.train else 0)
@@ -264,7 +265,7 @@ class Loader:
             retries=r.retries, backoff=r.backoff, timeout=r.timeout, lookahead=8 * self.batch_size,
             max_pixels=r.max_pixels, index_cache=self._indexes, wrap=dali_view,
         )
-        return Epoch(epoch, plan, stream, next_feed=batch)
+        return Epoch(epoch, plan, stream, next_feed=batch, open_s=time.thread_time() - start)
 
     def _prepare_next(self, epoch: int | None) -> None:
         """Training: open `epoch` (its plan and shard stream) in a thread while the current one runs.
@@ -298,8 +299,9 @@ class Loader:
             if self._position >= len(self):
                 return
             images, flight = runner.pull()
-            if runner.wants_ahead:  # the next epoch's first batches keep the pipelines busy at the boundary
-                runner.set_ahead(self._take_next(flight.epoch.number + 1))
+            while (wanted := runner.wanted_epoch) is not None:  # the next epochs keep the pipelines busy
+                runner.set_ahead(self._take_next(wanted))
+                self._prepare_next(wanted + 1)
             start = time.thread_time()
             targets = self._targets(flight)
             runner.stats.handover += time.thread_time() - start

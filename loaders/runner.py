@@ -16,9 +16,11 @@ consumer pulls the next batch after `set_stage`, they are drained, discarded and
 again with the new stage (same samples), so the change takes effect from the very
 next batch pulled, at the cost of re-running at most P x depth batches.
 
-Epoch boundaries (training): once the last batch of epoch e is fed, `wants_ahead` tells
-the Loader, which opens epoch e + 1 and hands it over; its first batches keep the
-pipelines fed. If the caller then starts e + 1 at batch 0, `promote` uses them.
+Epoch boundaries (training): once the last batch of epoch e is fed and a pipeline has room,
+`wanted_epoch` asks the Loader for e + 1, which it opens and hands over; its first batches
+keep the pipelines fed. Epochs shorter than the pipelines' depth (a small split, one batch
+an epoch) are handed over several at once, so the pipelines stay as full as within an
+epoch. If the caller then starts e + 1 at batch 0, `promote` uses them.
 
 Host decode (the CPU default, loaders/hostdecode.py): a flight is queued on its pipeline when
 drawn, its crops go to the decoder's threads, and it is fed to DALI once they are done, in
@@ -63,6 +65,7 @@ class Epoch:
     stream: ShardStream
     next_feed: int  # next batch index to assemble and feed
     pad: Item | None = None  # eval padding material
+    open_s: float = 0.0  # CPU seconds its opening took (plan and shard stream), on whichever thread opened it
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Stats:
     feed: float = 0.0  # feed_input and schedule_run
     handover: float = 0.0  # outputs() CPU, DLPack, targets
     wait: float = 0.0  # wall time inside outputs(), and waiting for the host decoder
+    epochs: int = 0  # epochs opened and handed to the runner
+    open: float = 0.0  # CPU seconds opening them (plan and shard stream; mostly off the consuming thread)
 
     def reset(self) -> None:
         self.__init__()
@@ -142,7 +147,7 @@ class Runner:
         self.reader_cpu_closed = 0.0
         self.bad: dict[tuple[str, str], str] = {}  # (shard, key) -> reason: samples DALI could not decode
         self.current: Epoch | None = None
-        self.ahead: Epoch | None = None  # the next epoch, handed over early by the Loader (training only)
+        self.ahead: list[Epoch] = []  # the next epochs in order, handed over early by the Loader (training only)
         self.stats = Stats()
         self.keep = KeepAlive() if layout.gpu else None
         self._next_pull = 0  # batch index in the current epoch
@@ -163,29 +168,39 @@ class Runner:
     def begin(self, epoch: Epoch) -> None:
         """Make `epoch` current, starting at its `next_feed`; every flight and open epoch before is dropped."""
         self._drop_flights(None)
-        for old in (self.current, self.ahead):
-            if old is not None:
-                self._close(old)
-        self.current, self.ahead = epoch, None
+        for old in self._open():
+            self._close(old)
+        self.current, self.ahead = epoch, []
         self._next_pull = epoch.next_feed
+        self._count(epoch)
 
     def promote(self) -> None:
-        """Make the epoch handed over early current, at its batch 0 (its first batches are already in flight)."""
-        assert self.ahead is not None and self.current is not None
+        """Make the first epoch handed over early current, at its batch 0 (its first batches are in flight)."""
+        assert self.ahead and self.current is not None
         self._drop_flights(self.current)  # batches of the old epoch nobody pulled
         self._close(self.current)
-        self.current, self.ahead = self.ahead, None
+        self.current = self.ahead.pop(0)
         self._next_pull = 0
 
     @property
-    def wants_ahead(self) -> bool:
-        """Training: every batch of the current epoch is fed and the next epoch has not been handed over."""
-        return (self.layout.train and self.ahead is None and self.current is not None
-                and self.current.next_feed >= self.current.plan.num_batches)
+    def wanted_epoch(self) -> int | None:
+        """Training: the number of the epoch to hand over next, once every batch of the open epochs is
+        fed and the next pipeline has room for more; else None."""
+        if not self.layout.train or self.current is None:
+            return None
+        last = self.ahead[-1] if self.ahead else self.current
+        if last.next_feed < last.plan.num_batches or len(self.queues[self._seq % len(self.pipes)]) >= self.depth:
+            return None
+        return last.number + 1
 
     def set_ahead(self, epoch: Epoch) -> None:
-        self.ahead = epoch
+        self.ahead.append(epoch)
+        self._count(epoch)
         self._fill()
+
+    def _count(self, epoch: Epoch) -> None:
+        self.stats.epochs += 1
+        self.stats.open += epoch.open_s
 
     def set_stage(self, stage: StageParams) -> None:
         """Eval pipelines use only the image size; train pipelines check the RandAugment layers built."""
@@ -217,19 +232,18 @@ class Runner:
 
     @property
     def retried(self) -> int:
-        return self.retried_closed + sum(e.stream.retried for e in (self.current, self.ahead) if e is not None)
+        return self.retried_closed + sum(e.stream.retried for e in self._open())
 
     @property
     def reader_cpu(self) -> float:
         """CPU seconds spent in shard-reader threads so far."""
-        return self.reader_cpu_closed + sum(e.stream.cpu_s for e in (self.current, self.ahead) if e is not None)
+        return self.reader_cpu_closed + sum(e.stream.cpu_s for e in self._open())
 
     def close(self) -> None:
         self._drop_flights(None)
-        for epoch in (self.current, self.ahead):
-            if epoch is not None:
-                self._close(epoch)
-        self.current = self.ahead = None
+        for epoch in self._open():
+            self._close(epoch)
+        self.current, self.ahead = None, []
         if self.keep is not None:
             self.keep.clear()
         self.pipes.clear()
@@ -289,14 +303,17 @@ class Runner:
             self._feed(flight)
             self.refed += 1
 
+    def _open(self) -> list[Epoch]:
+        """The current epoch and those handed over early, in order."""
+        return ([self.current] if self.current is not None else []) + self.ahead
+
     def _fill(self) -> None:
+        assert self.current is not None
         while True:
-            epoch = self.current
-            assert epoch is not None
-            if epoch.next_feed >= epoch.plan.num_batches:
-                epoch = self.ahead  # training: the Loader hands the next epoch over when `wants_ahead`
-                if epoch is None or epoch.next_feed >= epoch.plan.num_batches:
-                    return
+            # training: the Loader hands the next epochs over when asked (`wanted_epoch`)
+            epoch = next((e for e in self._open() if e.next_feed < e.plan.num_batches), None)
+            if epoch is None:
+                return
             if len(self.queues[self._seq % len(self.pipes)]) >= self.depth:
                 return
             read_ahead = epoch.next_feed + len(self.pipes) * self.depth + 2  # batches

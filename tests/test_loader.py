@@ -314,7 +314,7 @@ def test_the_next_epoch_opened_early_gives_the_same_batches_as_a_fresh_start(pho
         expected = take(fresh, epoch=1)
     with Loader(photos, **kw) as loader:
         take(loader, epoch=0)
-        assert loader._runner.ahead is not None and loader._runner.ahead.number == 1  # opened while epoch 0 ran
+        assert loader._runner.ahead and loader._runner.ahead[0].number == 1  # opened while epoch 0 ran
         got = take(loader, epoch=1)
         take(loader, epoch=2, count=2)  # stopped early: the next set_epoch must not reuse epoch 3's batches
         again = take(loader, epoch=1)
@@ -322,6 +322,26 @@ def test_the_next_epoch_opened_early_gives_the_same_batches_as_a_fresh_start(pho
         assert len(batches) == len(expected)
         for (xa, ya), (xb, yb) in zip(expected, batches):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_one_batch_epochs_are_kept_in_flight_several_at_once_with_the_same_batches(photos):
+    """24 samples, batch 16: one batch an epoch. 2 pipelines x 2 batches in flight hold several epochs ahead
+    of the current one (a small split turns epochs over every batch), and every epoch is its fresh start's."""
+    stage = StageParams(image_size=24, randaug_magnitude=9, mixup_alpha=0.3)
+    kw = dict(split="train", batch_size=16, stage=stage, device="cpu", seed=2, engine=EngineSpec(pipelines=2, prefetch=2))
+    with Loader(photos, **kw) as fresh:
+        expected = [take(fresh, epoch=e) for e in reversed(range(5))][::-1]  # descending: never an epoch opened early
+    with Loader(photos, **kw) as loader:
+        got, ahead = [], []
+        for _ in range(5):
+            got.append(list(loader))
+            ahead.append([e.number for e in loader._runner.ahead])
+        assert loader._runner.stats.epochs == 5 + len(ahead[-1])  # each epoch opened once
+    assert all(len(numbers) >= 2 for numbers in ahead), ahead  # more than the one epoch ahead a boundary needs
+    assert all(numbers == list(range(e + 1, e + 1 + len(numbers))) for e, numbers in enumerate(ahead)), ahead
+    for want, have in zip(expected, got, strict=True):
+        assert len(want) == len(have) == 1
+        assert torch.equal(want[0][0], have[0][0]) and torch.equal(want[0][1], have[0][1])
 
 
 def test_iterating_without_set_epoch_yields_epoch_0_then_epoch_1(photos):

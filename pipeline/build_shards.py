@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 
-from stagewise.pipeline import plan as planning
+from stagewise.pipeline import errors, plan as planning
 from stagewise.shards.jpeg import DEFAULT_MAX_PIXELS
 from stagewise.pipeline.imagenet21k import DEFAULT_HOLDOUT, DEFAULT_MAX_SIDE, HOLDOUT_SPLIT, scan_imagenet21k
 from stagewise.pipeline.plan import (DEFAULT_SHARD_BYTES, EncodeOptions, ShardResult, ShardTask, build_one,
@@ -181,18 +181,18 @@ def _remove_stale_shards(dest: str, split: str, keep: set[str]) -> None:
 
 def scan_source(src: str, dest: str, layout: str, split: str, classes_file: str | None,
                 val_labels: str | None, val_synsets: str | None, workers: int, executor: str,
-                ray_address: str | None) -> Scan:
+                ray_address: str | None, keep_empty_classes: bool = False) -> Scan:
     classes = read_class_list(classes_file) if classes_file else None
     if layout == "imagenet21k":
         return scan_imagenet21k(src, classes, workers=workers, executor=executor, ray_address=ray_address)
     if layout == "imagenet":
-        return scan_imagenet(src, split, val_labels, val_synsets, classes)
+        return scan_imagenet(src, split, val_labels, val_synsets, classes, keep_empty_classes)
     if layout == "folder":
         if classes is None:  # later splits reuse the label order of the splits already in DEST
             existing = read_manifest_or_none(dest)
             if existing and existing.splits:
                 classes = next(iter(existing.splits.values())).classes
-        return scan_class_tree(src, src, classes)
+        return scan_class_tree(src, src, classes, keep_empty_classes)
     raise ValueError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
 
 
@@ -201,7 +201,8 @@ def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "t
                  workers: int = 1, max_side: int | None = None, quality: int = 90,
                  max_pixels: int = DEFAULT_MAX_PIXELS, decode_copies: bool = True, holdout: int | None = None, holdout_split: str | None = None,
                  classes_file: str | None = None, val_labels: str | None = None, val_synsets: str | None = None,
-                 executor: str = "local", ray_address: str | None = None, progress: bool = False) -> list[BuildReport]:
+                 executor: str = "local", ray_address: str | None = None, progress: bool = False,
+                 keep_empty_classes: bool = False) -> list[BuildReport]:
     """Build `split` (and `holdout_split` when `holdout` > 0) from SRC into DEST; one report per split."""
     t0 = time.time()
     if not os.path.isdir(src):
@@ -211,10 +212,11 @@ def build_shards(src: str, dest: str, *, layout: str = "folder", split: str = "t
     if samples_per_shard is not None and samples_per_shard < 1:
         raise ValueError(f"--samples-per-shard {samples_per_shard}: must be >= 1")
     dest = dest.rstrip("/")
-    makedirs(dest)
     if executor not in EXECUTORS:
         raise ValueError(f"--executor {executor!r}: choose from {', '.join(EXECUTORS)}")
-    scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets, workers, executor, ray_address)
+    scan = scan_source(src, dest, layout, split, classes_file, val_labels, val_synsets, workers, executor, ray_address,
+                       keep_empty_classes)
+    makedirs(dest)  # after the scan: a tree that does not match --layout leaves no DEST behind
     if layout == "imagenet21k":  # a uniform random val split and a size cap by default (paper §5.2, issue 6)
         max_side = DEFAULT_MAX_SIDE if max_side is None else max_side
         holdout, holdout_split = DEFAULT_HOLDOUT if holdout is None else holdout, holdout_split or HOLDOUT_SPLIT
@@ -271,6 +273,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-synsets", default=None, help="devkit synset order (line i = ILSVRC2012_ID i+1)")
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="local processes, or Ray tasks on a cluster")
     p.add_argument("--ray-address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--keep-empty-classes", action="store_true",
+                   help="keep a class folder without files as a class with no samples (refused otherwise)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -281,10 +285,10 @@ def run(args: argparse.Namespace) -> int:
             samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_size, workers=args.workers,
             max_side=args.max_side, quality=args.quality, max_pixels=args.max_pixels, decode_copies=not args.fast_copy, holdout=args.holdout,
             holdout_split=args.holdout_split, classes_file=args.classes_file, val_labels=args.val_labels,
-            val_synsets=args.val_synsets, executor=args.executor, ray_address=args.ray_address, progress=not args.no_progress and sys.stderr.isatty())
+            val_synsets=args.val_synsets, executor=args.executor, ray_address=args.ray_address, progress=not args.no_progress and sys.stderr.isatty(),
+            keep_empty_classes=args.keep_empty_classes)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"build-shards: error: {exc}", file=sys.stderr)
-        return 2
+        return errors.report("build-shards", exc, (FileNotFoundError, ValueError))
     for report in reports:
         print(report.summary(args.dest))
     return 0 if all(r.balanced for r in reports) else 1

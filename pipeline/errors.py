@@ -32,7 +32,7 @@ def user_message(exc: BaseException, mistakes: tuple[type[BaseException], ...] =
     if described is not None:
         return described
     if isinstance(exc, mistakes):
-        return str(exc)
+        return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() quotes
     return None
 
 
@@ -53,10 +53,12 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments: "):
-            message = "; ".join(self.unknown(a) for a in message.split(": ", 1)[1].split() if a.startswith("-"))
+            message = "; ".join(self.unknown(a) for a in message.split(": ", 1)[1].split())
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (--help lists the options)\n")
 
     def unknown(self, arg: str) -> str:
+        if not arg.startswith("-"):
+            return f"unexpected argument {arg!r}: settings are --flags (a dataset, for one: --data DEST)"
         flag = arg.split("=", 1)[0]
         near = difflib.get_close_matches(flag, [o for o in self._option_string_actions if o.startswith("--")], n=1)
         return f"unknown option {flag!r}" + (f" (did you mean {near[0]!r}?)" if near else "")

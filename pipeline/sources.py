@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 
 
@@ -84,13 +85,23 @@ def read_class_list(path: str) -> tuple[str, ...]:
     return classes
 
 
-def scan_class_tree(src: str, root: str, classes: tuple[str, ...] | None) -> Scan:
-    """Inputs of a class-per-folder tree at `root`; `classes` pins the label order."""
+SPLIT_NAMES = ("train", "val", "test", "validation")  # folders that hold splits, not classes
+SYNSET = re.compile(r"n\d{8}")  # an ImageNet WordNet id: n01440764
+
+
+def scan_class_tree(src: str, root: str, classes: tuple[str, ...] | None, keep_empty: bool = False) -> Scan:
+    """Inputs of a class-per-folder tree at `root`; `classes` pins the label order. A class folder without files
+    is refused unless `keep_empty` (it would be a class the model can never learn)."""
     found = class_folders(root)
     if classes is None:
         classes = tuple(found)
         if not classes:
-            raise ValueError(f"{root}: no class folders found")
+            raise ValueError(f"{root}: no class folders found (--layout folder expects SRC/<class>/<image>)")
+    splits = [c for c in found if c in SPLIT_NAMES]
+    if splits and len(splits) == len(found):
+        raise ValueError(f"{root} holds split folders ({', '.join(splits)}), not classes: build each split from its "
+                         f"own folder (SRC/{splits[0]} --split {splits[0]}), or use --layout imagenet for "
+                         f"SRC/train/<wnid>/")
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f"{root}: class folder(s) {unknown[:10]} are not in the class list ({len(classes)} classes)")
@@ -100,9 +111,15 @@ def scan_class_tree(src: str, root: str, classes: tuple[str, ...] | None) -> Sca
         full = os.path.join(root, name)
         if _visible(name) and os.path.isfile(full):
             rejects.append((_rel(src, full), "not in a class folder: files must sit under SRC/<class>/"))
+    empty = []
     for cls in found:
-        for path in _files_under(os.path.join(root, cls)):
+        files = _files_under(os.path.join(root, cls))
+        empty += [] if files else [cls]
+        for path in files:
             inputs.append(InputFile(_rel(src, path), path, label_of[cls], cls, _size(path)))
+    if empty and not keep_empty:
+        raise ValueError(f"{root}: class folder(s) {empty[:10]} hold no files: remove them, or pass "
+                         f"--keep-empty-classes to keep them as classes without samples")
     return Scan(classes, inputs, rejects)
 
 
@@ -124,15 +141,32 @@ def _val_label_map(labels_file: str, synsets_file: str | None) -> dict[int, str]
         raise ValueError(f"{labels_file}: an id is out of range for {synsets_file}") from None
 
 
+def check_imagenet_tree(src: str, split: str) -> None:
+    """--layout imagenet reads SRC/train/<wnid>/ (and SRC/<split>/); anything else is refused, saying so."""
+    expected = "--layout imagenet expects SRC/train/<wnid>/*.JPEG (and SRC/val/)"
+    train_root = os.path.join(src, "train")
+    if not os.path.isdir(train_root):
+        seen = class_folders(src)[:3]
+        hint = f"; {src} holds {', '.join(seen)}: for a class-per-folder tree use --layout folder" if seen else ""
+        raise ValueError(f"{expected}, but {src} has no train/ folder{hint}")
+    odd = [c for c in class_folders(train_root) if not SYNSET.fullmatch(c)]
+    if odd:
+        raise ValueError(f"{expected}, but {train_root} holds {odd[:3]}, not WordNet ids (n01440764): for a "
+                         f"class-per-folder tree use --layout folder (SRC/train --split train)")
+    if not os.path.isdir(os.path.join(src, split)):
+        raise ValueError(f"{expected}; {src} has no {split}/ folder for --split {split}")
+
+
 def scan_imagenet(src: str, split: str, val_labels: str | None, val_synsets: str | None,
-                  classes: tuple[str, ...] | None) -> Scan:
+                  classes: tuple[str, ...] | None, keep_empty: bool = False) -> Scan:
+    check_imagenet_tree(src, split)
     train_root = os.path.join(src, "train")
     classes = classes or tuple(class_folders(train_root))  # sorted wnids: label 0 is n01440764
     if not classes:
         raise ValueError(f"{train_root}: no synset folders found")
     root = os.path.join(src, split)
     if split == "train" or class_folders(root):
-        return scan_class_tree(src, root, classes)
+        return scan_class_tree(src, root, classes, keep_empty)
     # flat val: ILSVRC2012_val_00000001.JPEG ...
     if val_labels is None:
         raise ValueError(f"{root} holds flat files: pass --val-labels (LOC_val_solution.csv or the devkit ground truth)")

@@ -73,7 +73,7 @@ def test_bad_files_are_rejected_naming_file_and_key(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["--optim.lrr=1"], r"unknown option '--optim.lrr' \(did you mean '--optim.lr'\?\)"),
     (["--optim.lr=fast"], "--optim.lr: optim.lr must be float, got 'fast'"),
     (["--run.resume=maybe"], "run.resume must be bool"),
     (["--optim.batch_size=-1"], "optim.batch_size must be >= 1"),

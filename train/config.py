@@ -392,8 +392,7 @@ def parse(argv: list[str]) -> Config:
     add_arguments(parser)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        key = unknown[0].split("=", 1)[0].lstrip("-")
-        raise _unknown(key, f"command line argument {unknown[0]!r}")
+        raise ConfigError(f"command line: {parser.unknown(unknown[0])}")  # the nearest of all flags, aliases too
     return from_args(args)
 
 

@@ -22,6 +22,7 @@ _S_TEST_TO_TRAIN = _S.eval_size / _S.train_size  # 384 / 300 (paper §5.1 and th
 PAPER_BATCH = 4096  # global batch, paper §5.1
 IMAGES_PER_BATCH = 40  # auto batch ~ images / 40: 1,600 images -> 32 (the texture task's tuned batch), >= 40 steps
 MIN_AUTO_BATCH = 16  # below this BN's batch statistics get noisy
+MAX_AUTO_DROP = 0.05  # share of the images an auto batch may leave out per epoch (preflight notes more)
 PAPER_EPOCHS, PAPER_WARMUP, PAPER_DECAY_EPOCHS = 350, 5.0, 2.4  # paper §5.1
 MAX_WARMUP_SHARE = 0.1  # of the run: a short run warms up for at most a tenth of itself
 TF_BN_MOMENTUM = 0.01  # torch convention of TF's 0.99, what model/ builds
@@ -30,10 +31,13 @@ SIDE_SAMPLE = 64  # samples whose json member gives the data's image size: a few
 
 
 def auto_batch(num_images: int, world_size: int = 1) -> int:
-    """The paper's 4096 where the data holds it, else a power of two near images / 40 (at least 16 when the data
-    holds 16), a multiple of the world size."""
+    """The paper's 4096 where the data holds it, else the power of two at or below images / 40 (at least 16 when
+    the data holds 16); where that would leave out over 5% of the images every epoch (the last, partial batch is
+    dropped), equal batches of about that size instead (24 images: 12, not 16). A multiple of the world size."""
     target = min(PAPER_BATCH, max(MIN_AUTO_BATCH, num_images // IMAGES_PER_BATCH), num_images)
     b = 1 << max(0, target.bit_length() - 1)  # the power of two at or below
+    if num_images % b > MAX_AUTO_DROP * num_images:
+        b = num_images // round(num_images / b)
     return max(world_size, b // world_size * world_size)
 
 

@@ -36,7 +36,8 @@ TENSORBOARD = "tensorboard"  # train/telemetry.py's SummaryWriter folder in run.
 # The config key behind each spec field that `data.py` fills from the config (for the line that names it).
 SPEC_KEYS = {"scale": "data.crop_scale", "hflip_prob": "data.hflip_prob", "mean": "data.mean", "std": "data.std",
              "crop_pct": "data.eval_crop_pct", "on_error": "data.on_error", "host_decode": "data.cpu_decoder"}
-DROP_NOTE, DROP_ERROR = 0.05, 0.25  # share of the images the loader's dropped last batch leaves out per epoch
+# Share of the images the loader's dropped last batch leaves out per epoch: a note above, a problem above 25%.
+DROP_NOTE, DROP_ERROR = data.MAX_AUTO_DROP, 0.25
 
 
 class PreflightError(ConfigError):

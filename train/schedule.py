@@ -139,7 +139,7 @@ def _round_to_multiple(x: float) -> int:
 
 def count(n: int, word: str) -> str:
     """`1 stage`, `4 stages`, `2 classes`: a number with its noun in the right number."""
-    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith(('s', 'x', 'ch', 'sh')) else 's'}"
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith(('s', 'x', 'sh')) else 's'}"
 
 
 def check_kind(schedule: str) -> None:

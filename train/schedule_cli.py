@@ -2,16 +2,22 @@
 
     pipeline schedule --preset efficientnetv2_s                # paper Table 6 / Algorithm 1, 4 stages, 350 epochs
     pipeline schedule --preset efficientnetv2_m --stages 8 --epochs 100 --json
+    pipeline schedule --preset efficientnetv2_s --data DEST --epochs 12       # the images a dataset holds
 
-Steps per stage assume ImageNet-1k (1,281,167 training images) and a global
-batch of 4096 unless --num-images / --batch-size say otherwise.
+Steps per stage count the train split of --data DEST (and its auto batch, as the
+trainer picks it, and sizes capped at its images' size), else ImageNet-1k (1,281,167 training images) and a global
+batch of 4096, unless --num-images / --batch-size say otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
-from stagewise.train.schedule import PRESETS, SCHEDULES, get_preset, plan
+from stagewise.pipeline.errors import report
+from stagewise.shards import open_split
+from stagewise.train.data import PAPER_BATCH, auto_batch, capped_sizes, typical_side
+from stagewise.train.schedule import PRESETS, SCHEDULES, count, get_preset, plan
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC2012 train split
 
@@ -24,27 +30,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-epochs", type=int, default=8, help="random-resize: epochs per sampled size")
     parser.add_argument("--vanilla", action="store_true", help="regularization fixed at the max (Table 13 vanilla)")
     parser.add_argument("--per-stage-batch", action="store_true", help="batch ~ (Se/Si)^2 per stage")
-    parser.add_argument("--num-images", type=int, default=IMAGENET_TRAIN_IMAGES, help="training images per epoch")
-    parser.add_argument("--batch-size", type=int, default=4096, help="global batch (paper: 4096)")
+    parser.add_argument("--data", metavar="DEST", default=None, help="count the images of this dataset's split")
+    parser.add_argument("--split", default="train", help="with --data: the split to count (default train)")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="training images per epoch (default: --data's, else ImageNet's 1,281,167)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="global batch (default: the trainer's auto batch for --data, else the paper's 4096)")
     parser.add_argument("--seed", type=int, default=0, help="random-resize: seed of the sampled sizes")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        rows = plan(get_preset(args.preset), epochs=args.epochs, n_stages=args.stages, schedule=args.schedule,
-                    num_images=args.num_images, batch_size=args.batch_size, adaptive=not args.vanilla,
+        view = open_split(args.data, args.split) if args.data else None
+        num_images = args.num_images or (view.num_samples if view else IMAGENET_TRAIN_IMAGES)
+        batch = args.batch_size or (auto_batch(num_images) if view else PAPER_BATCH)
+        preset = get_preset(args.preset)
+        sizes = capped_sizes(preset, typical_side(view)) if view else None  # as the trainer caps them
+        if sizes:
+            preset = replace(preset, min_size=sizes[0], max_size=sizes[1])
+        rows = plan(preset, epochs=args.epochs, n_stages=args.stages, schedule=args.schedule,
+                    num_images=num_images, batch_size=batch, adaptive=not args.vanilla,
                     seed=args.seed, chunk_epochs=args.chunk_epochs, per_stage_batch=args.per_stage_batch)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
+    except (FileNotFoundError, KeyError, ValueError) as exc:  # KeyError: no such split in the manifest
+        return report("pipeline schedule", exc, (FileNotFoundError, KeyError, ValueError))
     if args.json:
         print(json.dumps([r.to_json() for r in rows], indent=1))
         return 0
     header = (f"{'stage':>5} {'size':>5} {'randaug':>8} {'mixup':>6} {'dropout':>8} {'epochs':>7} {'steps':>8} "
               f"{'batch':>6}")
-    print(f"{args.preset}, {args.schedule} schedule, {len(rows)} stages, {args.epochs} epochs, "
-          f"{args.num_images} images per epoch")
+    print(f"{args.preset}, {args.schedule} schedule, {count(len(rows), 'stage')}, {count(args.epochs, 'epoch')}, "
+          f"{count(num_images, 'image')} per epoch, global batch {batch}")
     print(header)
     for r in rows:
         v = r.values

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stagewise-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fuzz
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+# Both C decoders under AddressSanitizer + UndefinedBehaviorSanitizer, FUZZ_SECONDS each (tests/fuzz/campaign.py):
+# failures are kept in tests/fuzz/regressions/, which `make test` replays. Niced: it takes a core for that long.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	nice -n 19 $(BIN)/python -m tests.fuzz.campaign --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) demo-data runs

@@ -50,9 +50,12 @@ class Decoding:
 class HostDecoder:
     """A small thread pool that crop-decode-resizes batches, each split into one part per thread."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, max_pixels: int | None = None) -> None:
+        """max_pixels: refuse frames over this many pixels; the C's own ceiling (`_cropdecode.MAX_PIXELS`) holds
+        whatever it is, None included."""
         assert AVAILABLE, "stagewise.loaders._cropdecode is not built"
         self.threads = threads
+        self.max_pixels = max_pixels or 0  # 0: the C ceiling alone
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="crop-decode")
         self.cpu_s = 0.0  # CPU seconds of the decoding threads so far (bench-loader's accounting)
         self._lock = threading.Lock()
@@ -69,7 +72,7 @@ class HostDecoder:
 
     def _part(self, jpgs: list, regions: np.ndarray, out: np.ndarray, start: int, stop: int) -> list:
         cpu = time.thread_time()
-        failed = _cropdecode.decode_batch(jpgs, regions, out, start, stop)
+        failed = _cropdecode.decode_batch(jpgs, regions, out, start, stop, self.max_pixels)
         with self._lock:
             self.cpu_s += time.thread_time() - cpu
         return failed

@@ -14,10 +14,13 @@
  * (16-bit multiply-adds, 32-bit sums) and in plain C otherwise; both give the
  * same bytes.
  *
- * reencode() returns None, never raises, for anything it does not handle
- * (not 3-component YCbCr, 12-bit, any libjpeg warning such as corrupt data):
- * the caller then takes the Pillow path, which decides whether and why the
- * file is rejected. Build: setuptools ext-modules in pyproject.toml, against
+ * reencode() returns None for anything it does not handle (not 3-component
+ * YCbCr, 12-bit, any libjpeg error or warning such as corrupt data): the
+ * caller then takes the Pillow path, which decides whether and why the file is
+ * rejected. It raises ValueError, naming the problem, for what no path should
+ * decode: a frame over MAX_PIXELS (or the caller's lower max_pixels), checked
+ * right after the header, before libjpeg allocates anything for the image; a
+ * progressive file over MAX_SCANS scans; and bad arguments (issue #20). Build: setuptools ext-modules in pyproject.toml, against
  * the system libjpeg(-turbo); optional, as Pillow's path does the same work.
  */
 #define PY_SSIZE_T_CLEAN
@@ -53,15 +56,47 @@ typedef struct {
                           last row/column of a scaled decode may be part padding) */
 } plane_t;
 
+/* Hard ceiling on a frame's height x width, px: twice Pillow's MAX_IMAGE_PIXELS (89,478,485), the size
+ * at which Pillow raises DecompressionBombError instead of warning. A caller's max_pixels only lowers it. */
+#define MAX_PIXELS 178956970ULL
+/* Progressive scans per file: libjpeg-turbo's advice for untrusted input (libjpeg.txt, "progress monitor";
+ * djpeg -maxscans) and the limit its own fuzzers set (TJPARAM_SCANLIMIT 500). Encoders write ~10. */
+#define MAX_SCANS 500
+/* Largest output side, px: a JPEG's own limit (JPEG_MAX_DIMENSION); with it, 4:2:0 MCU counts and
+ * padded plane sizes below stay far inside int */
+#define MAX_SIDE 65500
+
 struct err_mgr {
     struct jpeg_error_mgr pub;
     jmp_buf jump;
+    int refused;                    /* a limit stopped the decode (not a libjpeg error) */
+    char message[JMSG_LENGTH_MAX];  /* why, when refused */
 };
 
 static void on_error(j_common_ptr cinfo) { longjmp(((struct err_mgr *)cinfo->err)->jump, 1); }
 
+/* Encoding: warnings counted, printed nowhere. */
 static void on_message(j_common_ptr cinfo, int level) {
-    if (level < 0) cinfo->err->num_warnings++; /* corrupt data: counted, printed nowhere */
+    if (level < 0) cinfo->err->num_warnings++;
+}
+
+/* Decoding: a warning (corrupt data, premature end) means None anyway: stop at the first one rather than
+ * decode on through filler (libjpeg-turbo's TJPARAM_STOPONWARNING, for the same reason). */
+static void on_warning(j_common_ptr cinfo, int level) {
+    if (level < 0) {
+        cinfo->err->num_warnings++;
+        on_error(cinfo);
+    }
+}
+
+/* Called by libjpeg between iMCU rows and scans: stops a progressive file past MAX_SCANS scans. */
+static void on_progress(j_common_ptr cinfo) {
+    if (((j_decompress_ptr)cinfo)->input_scan_number > MAX_SCANS) {
+        struct err_mgr *err = (struct err_mgr *)cinfo->err;
+        err->refused = 1;
+        snprintf(err->message, JMSG_LENGTH_MAX, "more than %d progressive scans", MAX_SCANS);
+        longjmp(err->jump, 1);
+    }
 }
 
 /* ---- Lanczos taps -------------------------------------------------------- */
@@ -290,11 +325,13 @@ static void filter_across_avx2(const uint8_t *src, int w, int rows, const taps_t
 }
 #endif
 
-static int have_avx2; /* set at import from the CPU; use_avx2() overrides it (tests) */
+/* Which filter kernels run: set at import from the CPU, changed by use_avx2() (tests) while other threads may
+ * be re-encoding, so read and written atomically; each reencode call reads it once. */
+static int have_avx2;
 
 /* out (contiguous) resampled from in: down the columns first (fewer rows for
  * the second pass), then along the rows. 0 on success. */
-static int resize_plane(const plane_t *in, plane_t *out) {
+static int resize_plane(const plane_t *in, plane_t *out, int avx2) {
     if (in->w == out->w && in->h == out->h && in->ew == out->ew && in->eh == out->eh) {
         for (int y = 0; y < in->h; y++) memcpy(out->px + (size_t)y * out->w, in->px + (size_t)y * in->stride, in->w);
         return 0;
@@ -307,7 +344,7 @@ static int resize_plane(const plane_t *in, plane_t *out) {
         return -1;
     }
 #if defined(__x86_64__) || defined(__i386__)
-    if (have_avx2) {
+    if (avx2) {
         filter_down_avx2(in->px, in->stride, in->w, tv, mid);
         if (in->w >= th->width)
             filter_across_avx2(mid, in->w, out->h, th, out->px);
@@ -317,6 +354,7 @@ static int resize_plane(const plane_t *in, plane_t *out) {
         return 0;
     }
 #endif
+    (void)avx2;
     filter_down_generic(in->px, in->stride, in->w, tv, mid);
     filter_across_generic(mid, in->w, out->h, th, out->px);
     free(mid);
@@ -325,31 +363,46 @@ static int resize_plane(const plane_t *in, plane_t *out) {
 
 /* ---- decode to planes ------------------------------------------------------ */
 
-/* 1 on success (planes filled, caller frees px), 0 when not handled. */
-static int decode_planes(const uint8_t *data, size_t len, int denom, plane_t planes[3]) {
+enum { DECODED, DECLINED, REFUSED }; /* planes filled; not handled here (None); over a limit (ValueError) */
+
+/* What libjpeg changes between setjmp and longjmp lives here, in the caller of the function that calls
+ * setjmp, not in that function's locals (C11 7.13.2.1: those are indeterminate after the longjmp unless
+ * volatile). */
+typedef struct {
     struct jpeg_decompress_struct d;
     struct err_mgr err;
-    JSAMPROW *volatile rows[3] = {NULL, NULL, NULL}; /* volatile: set after setjmp */
-    volatile int ok = 0;
-    memset(planes, 0, sizeof(plane_t) * 3);
-    d.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.emit_message = on_message;
-    jpeg_create_decompress(&d);
-    if (setjmp(err.jump)) goto done;
-    jpeg_mem_src(&d, (unsigned char *)data, (unsigned long)len);
-    jpeg_read_header(&d, TRUE);
-    if (d.num_components != 3 || d.jpeg_color_space != JCS_YCbCr || d.data_precision != 8) goto done;
-    d.raw_data_out = TRUE;
-    d.scale_num = 1;
-    d.scale_denom = denom;
-    d.dct_method = JDCT_ISLOW; /* Pillow's default: the accurate integer IDCT */
-    jpeg_start_decompress(&d);
-    int per_call = d.max_v_samp_factor * MIN_DCT_V(&d); /* luma rows per jpeg_read_raw_data */
-    int calls = (int)((d.output_height + per_call - 1) / per_call);
+    struct jpeg_progress_mgr progress;
+    JSAMPROW *rows[3];
+} decoder_t;
+
+/* The planes of the whole image at 1/denom scale: DECODED (caller frees px), DECLINED or REFUSED
+ * (dec->err.message says why). Reads no local after a longjmp. */
+static int read_planes(decoder_t *dec, const uint8_t *data, size_t len, int denom, unsigned long long max_pixels,
+                       plane_t planes[3]) {
+    struct jpeg_decompress_struct *d = &dec->d;
+    if (setjmp(dec->err.jump)) return dec->err.refused ? REFUSED : DECLINED;
+    jpeg_mem_src(d, (unsigned char *)data, (unsigned long)len);
+    jpeg_read_header(d, TRUE);
+    /* before jpeg_start_decompress, which allocates the whole image's coefficients for a progressive file */
+    if ((unsigned long long)d->image_width * d->image_height > max_pixels) {
+        snprintf(dec->err.message, JMSG_LENGTH_MAX, "frame %ux%u is over the re-encoder's limit of %llu pixels",
+                 (unsigned)d->image_width, (unsigned)d->image_height, max_pixels);
+        return REFUSED;
+    }
+    if (d->num_components != 3 || d->jpeg_color_space != JCS_YCbCr || d->data_precision != 8) return DECLINED;
+    d->raw_data_out = TRUE;
+    d->scale_num = 1;
+    d->scale_denom = denom;
+    d->dct_method = JDCT_ISLOW; /* Pillow's default: the accurate integer IDCT */
+    dec->progress.progress_monitor = on_progress;
+    d->progress = &dec->progress;
+    jpeg_start_decompress(d);
+    /* output sides <= 65535 px and sampling factors <= 4 (libjpeg checks both): every product below fits int */
+    int per_call = d->max_v_samp_factor * MIN_DCT_V(d); /* luma rows per jpeg_read_raw_data */
+    int calls = (int)((d->output_height + per_call - 1) / per_call);
     int rows_per_call[3];
     for (int ci = 0; ci < 3; ci++) {
-        jpeg_component_info *comp = &d.comp_info[ci];
+        jpeg_component_info *comp = &d->comp_info[ci];
         int bw = COMP_DCT_H(comp), bh = COMP_DCT_V(comp);
         rows_per_call[ci] = comp->v_samp_factor * bh;
         /* libjpeg writes whole blocks: pad to full MCUs in both directions */
@@ -358,103 +411,126 @@ static int decode_planes(const uint8_t *data, size_t len, int denom, plane_t pla
         planes[ci].w = planes[ci].stride = pw;
         planes[ci].h = ph;
         planes[ci].px = malloc((size_t)pw * ph);
-        rows[ci] = malloc(sizeof(JSAMPROW) * ph);
-        if (!planes[ci].px || !rows[ci]) goto done;
-        for (int y = 0; y < ph; y++) rows[ci][y] = planes[ci].px + (size_t)y * pw;
-        double fx = (double)comp->h_samp_factor * bw / (d.max_h_samp_factor * (double)DCTSIZE);
-        double fy = (double)comp->v_samp_factor * bh / (d.max_v_samp_factor * (double)DCTSIZE);
-        planes[ci].ew = d.image_width * fx;
-        planes[ci].eh = d.image_height * fy;
+        dec->rows[ci] = malloc(sizeof(JSAMPROW) * ph);
+        if (!planes[ci].px || !dec->rows[ci]) return DECLINED;
+        for (int y = 0; y < ph; y++) dec->rows[ci][y] = planes[ci].px + (size_t)y * pw;
+        double fx = (double)comp->h_samp_factor * bw / (d->max_h_samp_factor * (double)DCTSIZE);
+        double fy = (double)comp->v_samp_factor * bh / (d->max_v_samp_factor * (double)DCTSIZE);
+        planes[ci].ew = d->image_width * fx;
+        planes[ci].eh = d->image_height * fy;
     }
     for (int k = 0; k < calls; k++) {
-        JSAMPARRAY img[3] = {rows[0] + k * rows_per_call[0], rows[1] + k * rows_per_call[1],
-                             rows[2] + k * rows_per_call[2]};
-        if (jpeg_read_raw_data(&d, img, per_call) == 0) goto done; /* suspended: data ran out */
+        JSAMPARRAY img[3] = {dec->rows[0] + k * rows_per_call[0], dec->rows[1] + k * rows_per_call[1],
+                             dec->rows[2] + k * rows_per_call[2]};
+        if (jpeg_read_raw_data(d, img, per_call) == 0) return DECLINED; /* suspended: data ran out */
     }
     for (int ci = 0; ci < 3; ci++) { /* the samples that hold picture, not block padding */
-        planes[ci].w = (int)d.comp_info[ci].downsampled_width; /* comp_info is freed by jpeg_finish_decompress */
-        planes[ci].h = (int)d.comp_info[ci].downsampled_height;
+        planes[ci].w = (int)d->comp_info[ci].downsampled_width; /* comp_info is freed by jpeg_finish_decompress */
+        planes[ci].h = (int)d->comp_info[ci].downsampled_height;
     }
-    jpeg_finish_decompress(&d);
-    ok = d.err->num_warnings == 0;
-done:
-    jpeg_destroy_decompress(&d);
+    jpeg_finish_decompress(d);
+    return DECODED;
+}
+
+/* read_planes with its decoder made and freed; on anything but DECODED, no plane is left allocated. */
+static int decode_planes(const uint8_t *data, size_t len, int denom, unsigned long long max_pixels, plane_t planes[3],
+                         char *message) {
+    decoder_t dec = {.rows = {NULL, NULL, NULL}};
+    memset(planes, 0, sizeof(plane_t) * 3);
+    dec.d.err = jpeg_std_error(&dec.err.pub);
+    dec.err.pub.error_exit = on_error;
+    dec.err.pub.emit_message = on_warning;
+    jpeg_create_decompress(&dec.d);
+    int status = read_planes(&dec, data, len, denom, max_pixels, planes);
+    jpeg_destroy_decompress(&dec.d);
+    if (status == REFUSED) snprintf(message, JMSG_LENGTH_MAX, "%s", dec.err.message);
     for (int ci = 0; ci < 3; ci++) {
-        free(rows[ci]);
-        if (!ok) {
+        free(dec.rows[ci]);
+        if (status != DECODED) {
             free(planes[ci].px);
             planes[ci].px = NULL;
         }
     }
-    return ok;
+    return status;
 }
 
 /* ---- encode 4:2:0 planes ---------------------------------------------------- */
 
-/* A copy of p padded to pw x ph by repeating its last column and row, as
+/* A copy of p padded to pw x ph (>= its size) by repeating its last column and row, as
  * libjpeg's own downsampler pads the edge blocks. */
 static uint8_t *padded(const plane_t *p, int pw, int ph) {
+    if (p->w < 1 || p->h < 1 || pw < p->w || ph < p->h) return NULL;
     uint8_t *out = malloc((size_t)pw * ph);
     if (!out) return NULL;
     for (int y = 0; y < ph; y++) {
         uint8_t *row = out + (size_t)y * pw;
         memcpy(row, p->px + (size_t)(y < p->h ? y : p->h - 1) * p->stride, p->w);
-        memset(row + p->w, row[p->w - 1], pw - p->w);
+        memset(row + p->w, row[p->w - 1], (size_t)(pw - p->w));
     }
     return out;
 }
 
-/* The JPEG (malloc'd, *out_len bytes), or NULL when libjpeg failed. */
-static unsigned char *encode_planes(plane_t planes[3], int quality, unsigned long *out_len) {
+/* As decoder_t: what libjpeg changes, out of the locals of the function that calls setjmp. */
+typedef struct {
     struct jpeg_compress_struct c;
     struct err_mgr err;
-    unsigned char *out = NULL; /* its address escapes to libjpeg: kept in memory */
-    uint8_t *volatile pad[3] = {NULL, NULL, NULL};
-    JSAMPROW *volatile rows[3] = {NULL, NULL, NULL};
-    volatile int ok = 0;
-    int w = planes[0].w, h = planes[0].h;
+    unsigned char *out;       /* the JPEG, malloc'd by jpeg_mem_dest's manager */
+    unsigned long out_len;    /* its bytes */
+    uint8_t *pad[3];
+    JSAMPROW *rows[3];
+} encoder_t;
+
+/* 0 when enc->out holds the JPEG, -1 when libjpeg failed. Reads no local after a longjmp. */
+static int write_planes(encoder_t *enc, plane_t planes[3], int quality) {
+    struct jpeg_compress_struct *c = &enc->c;
+    int w = planes[0].w, h = planes[0].h; /* 1 .. MAX_SIDE (reencode checked): no overflow below */
     int mcu_cols = (w + 15) / 16, mcu_rows = (h + 15) / 16; /* 4:2:0 MCU: 16x16 luma */
-    c.err = jpeg_std_error(&err.pub);
-    err.pub.error_exit = on_error;
-    err.pub.emit_message = on_message;
-    jpeg_create_compress(&c);
-    if (setjmp(err.jump)) goto done;
+    if (setjmp(enc->err.jump)) return -1;
     for (int ci = 0; ci < 3; ci++) {
         int f = ci == 0 ? 16 : 8, pw = mcu_cols * f, ph = mcu_rows * f;
-        pad[ci] = padded(&planes[ci], pw, ph);
-        rows[ci] = malloc(sizeof(JSAMPROW) * ph);
-        if (!pad[ci] || !rows[ci]) goto done;
-        for (int y = 0; y < ph; y++) rows[ci][y] = pad[ci] + (size_t)y * pw;
+        enc->pad[ci] = padded(&planes[ci], pw, ph);
+        enc->rows[ci] = malloc(sizeof(JSAMPROW) * ph);
+        if (!enc->pad[ci] || !enc->rows[ci]) return -1;
+        for (int y = 0; y < ph; y++) enc->rows[ci][y] = enc->pad[ci] + (size_t)y * pw;
     }
-    *out_len = 0;
-    jpeg_mem_dest(&c, &out, out_len);
-    c.image_width = (JDIMENSION)w;
-    c.image_height = (JDIMENSION)h;
-    c.input_components = 3;
-    c.in_color_space = JCS_YCbCr;
-    jpeg_set_defaults(&c); /* YCbCr, 2x2 / 1x1 / 1x1 sampling: 4:2:0, as Pillow writes */
-    jpeg_set_quality(&c, quality, TRUE);
-    c.raw_data_in = TRUE;
-    c.dct_method = JDCT_ISLOW;
-    c.optimize_coding = FALSE;
-    jpeg_start_compress(&c, TRUE);
+    jpeg_mem_dest(c, &enc->out, &enc->out_len);
+    c->image_width = (JDIMENSION)w;
+    c->image_height = (JDIMENSION)h;
+    c->input_components = 3;
+    c->in_color_space = JCS_YCbCr;
+    jpeg_set_defaults(c); /* YCbCr, 2x2 / 1x1 / 1x1 sampling: 4:2:0, as Pillow writes */
+    jpeg_set_quality(c, quality, TRUE);
+    c->raw_data_in = TRUE;
+    c->dct_method = JDCT_ISLOW;
+    c->optimize_coding = FALSE;
+    jpeg_start_compress(c, TRUE);
     for (int k = 0; k < mcu_rows; k++) {
-        JSAMPARRAY img[3] = {rows[0] + k * 16, rows[1] + k * 8, rows[2] + k * 8};
-        jpeg_write_raw_data(&c, img, 16);
+        JSAMPARRAY img[3] = {enc->rows[0] + k * 16, enc->rows[1] + k * 8, enc->rows[2] + k * 8};
+        jpeg_write_raw_data(c, img, 16);
     }
-    jpeg_finish_compress(&c);
-    ok = 1;
-done:
-    jpeg_destroy_compress(&c);
+    jpeg_finish_compress(c);
+    return 0;
+}
+
+/* The JPEG (malloc'd, *out_len bytes), or NULL when libjpeg failed. */
+static unsigned char *encode_planes(plane_t planes[3], int quality, unsigned long *out_len) {
+    encoder_t enc = {.out = NULL, .out_len = 0};
+    enc.c.err = jpeg_std_error(&enc.err.pub);
+    enc.err.pub.error_exit = on_error;
+    enc.err.pub.emit_message = on_message;
+    jpeg_create_compress(&enc.c);
+    int failed = write_planes(&enc, planes, quality);
+    jpeg_destroy_compress(&enc.c);
     for (int ci = 0; ci < 3; ci++) {
-        free(pad[ci]);
-        free(rows[ci]);
+        free(enc.pad[ci]);
+        free(enc.rows[ci]);
     }
-    if (!ok) {
-        free(out);
+    if (failed) {
+        free(enc.out);
         return NULL;
     }
-    return out;
+    *out_len = enc.out_len;
+    return enc.out;
 }
 
 /* ---- Python entry point ---------------------------------------------------- */
@@ -463,20 +539,27 @@ static PyObject *reencode(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer data;
     int width, height, denom, quality;
-    if (!PyArg_ParseTuple(args, "y*iiii", &data, &width, &height, &denom, &quality)) return NULL;
-    if (width < 1 || height < 1 || quality < 1 || quality > 100 || (denom != 1 && denom != 2 && denom != 4 && denom != 8)) {
+    long long max_pixels = 0;
+    if (!PyArg_ParseTuple(args, "y*iiii|L", &data, &width, &height, &denom, &quality, &max_pixels)) return NULL;
+    unsigned long long limit = max_pixels <= 0 || (unsigned long long)max_pixels > MAX_PIXELS
+                                   ? MAX_PIXELS : (unsigned long long)max_pixels; /* the caller's only lowers it */
+    if (width < 1 || height < 1 || width > MAX_SIDE || height > MAX_SIDE || quality < 1 || quality > 100 ||
+        (denom != 1 && denom != 2 && denom != 4 && denom != 8) || max_pixels < 0 ||
+        (unsigned long long)width * height > limit) {
         PyBuffer_Release(&data);
-        return PyErr_Format(PyExc_ValueError, "reencode: bad size %dx%d, denom %d or quality %d", width, height,
-                            denom, quality);
+        return PyErr_Format(PyExc_ValueError, "reencode: bad size %dx%d, denom %d, quality %d or max_pixels %lld "
+                            "(need 1 to %d px a side and at most %llu pixels, denom 1, 2, 4 or 8, quality 1 to 100)",
+                            width, height, denom, quality, max_pixels, MAX_SIDE, limit);
     }
     plane_t in[3], out[3];
     unsigned char *jpeg = NULL;
     unsigned long jpeg_len = 0;
-    int decoded;
+    char message[JMSG_LENGTH_MAX] = "";
+    int decoded, avx2 = __atomic_load_n(&have_avx2, __ATOMIC_RELAXED);
     memset(out, 0, sizeof out);
     Py_BEGIN_ALLOW_THREADS
-    decoded = decode_planes(data.buf, (size_t)data.len, denom, in);
-    if (decoded) {
+    decoded = decode_planes(data.buf, (size_t)data.len, denom, limit, in, message);
+    if (decoded == DECODED) {
         int ok = 1;
         for (int ci = 0; ci < 3 && ok; ci++) {
             /* output grid: 4:2:0, chroma sample k covering luma 2k .. 2k+2 */
@@ -486,7 +569,7 @@ static PyObject *reencode(PyObject *self, PyObject *args) {
             out[ci].eh = ci == 0 ? height : height / 2.0;
             out[ci].stride = out[ci].w;
             out[ci].px = malloc((size_t)out[ci].w * out[ci].h);
-            ok = out[ci].px != NULL && resize_plane(&in[ci], &out[ci]) == 0;
+            ok = out[ci].px != NULL && resize_plane(&in[ci], &out[ci], avx2) == 0;
         }
         if (ok) jpeg = encode_planes(out, quality, &jpeg_len);
         for (int ci = 0; ci < 3; ci++) {
@@ -496,6 +579,7 @@ static PyObject *reencode(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&data);
+    if (decoded == REFUSED) return PyErr_Format(PyExc_ValueError, "reencode: %s", message);
     if (jpeg == NULL) Py_RETURN_NONE;
     PyObject *result = PyBytes_FromStringAndSize((const char *)jpeg, (Py_ssize_t)jpeg_len);
     free(jpeg);
@@ -504,10 +588,10 @@ static PyObject *reencode(PyObject *self, PyObject *args) {
 
 static PyObject *use_avx2(PyObject *self, PyObject *arg) {
     (void)self;
-    int want = PyObject_IsTrue(arg), before = have_avx2;
+    int want = PyObject_IsTrue(arg), before = __atomic_load_n(&have_avx2, __ATOMIC_RELAXED);
     if (want < 0) return NULL;
 #if defined(__x86_64__) || defined(__i386__)
-    have_avx2 = want && __builtin_cpu_supports("avx2");
+    __atomic_store_n(&have_avx2, want && __builtin_cpu_supports("avx2"), __ATOMIC_RELAXED);
 #endif
     return PyBool_FromLong(before);
 }
@@ -517,11 +601,13 @@ static PyMethodDef methods[] = {
      "use_avx2(flag) -> bool: filter with the AVX2 kernels when flag is true and the\n"
      "CPU has AVX2, with the plain C ones otherwise; returns the previous setting."},
     {"reencode", reencode, METH_VARARGS,
-     "reencode(jpeg, width, height, denom, quality) -> bytes | None\n\n"
+     "reencode(jpeg, width, height, denom, quality, max_pixels=0) -> bytes | None\n\n"
      "The YCbCr JPEG decoded at 1/denom scale in the DCT domain, Lanczos-resized\n"
      "to width x height in YCbCr planes, encoded as baseline 4:2:0 at quality.\n"
      "None when the file is not an 8-bit 3-component YCbCr JPEG or libjpeg\n"
-     "reports any error or warning: the caller's general path then decides."},
+     "reports any error or warning: the caller's general path then decides.\n"
+     "ValueError for a frame over max_pixels or MAX_PIXELS (whichever is lower;\n"
+     "0: MAX_PIXELS), over MAX_SCANS progressive scans, or bad arguments."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -530,10 +616,12 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jpegraw", "Re-encod
 PyMODINIT_FUNC PyInit__jpegraw(void) {
     fill_lut();
 #if defined(__x86_64__) || defined(__i386__)
-    have_avx2 = __builtin_cpu_supports("avx2");
+    __atomic_store_n(&have_avx2, __builtin_cpu_supports("avx2"), __ATOMIC_RELAXED);
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "JPEG_LIB_VERSION", JPEG_LIB_VERSION) < 0) {
+    if (m && (PyModule_AddIntConstant(m, "JPEG_LIB_VERSION", JPEG_LIB_VERSION) < 0 ||
+              PyModule_AddIntConstant(m, "MAX_SCANS", MAX_SCANS) < 0 ||
+              PyModule_AddIntConstant(m, "MAX_PIXELS", (long)MAX_PIXELS) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

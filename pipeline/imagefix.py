@@ -190,7 +190,11 @@ def normalize_image(data: bytes, *, max_side: int | None, quality: int, max_pixe
     if planar and _jpegraw is not None and is_jpeg and im.mode == "RGB" and not turn:
         # YCbCr planes in, YCbCr planes out (pipeline/_jpegraw.c); None for what it does not take
         target = size or (w, h)
-        jpg = _jpegraw.reencode(data, target[0], target[1], _dct_denominator(w, h, size) if size else 1, quality)
+        try:  # ValueError: over a limit the C checks itself (its pixel ceiling, max_pixels, progressive scans)
+            jpg = _jpegraw.reencode(data, target[0], target[1], _dct_denominator(w, h, size) if size else 1, quality,
+                                    max_pixels)
+        except ValueError as exc:
+            raise Rejected(f"corrupt image: {exc}") from None
         if jpg is not None:
             return FixedImage(jpg, target[0], target[1], tuple(fixes + ["resized"] * (size is not None)))
     if size is not None and is_jpeg:

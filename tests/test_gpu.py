@@ -72,8 +72,13 @@ def test_gpu_eval_matches_the_cpu_path(photos):
     for cpu in ("cpu", "cpu-dali"):
         assert torch.equal(out[cpu + "-labels"], out["cuda-labels"])
         diff = (out["cuda"].cpu() - out[cpu]).abs()
-        # normalized units (std 0.5): 0.02 is ~1.3 grey levels on 0..255; decoders differ by an IDCT rounding
+        p99 = float(torch.quantile(diff.flatten().float(), 0.99))
+        print(f"|gpu - {cpu}|: mean {diff.mean():.4f}, p99 {p99:.4f}, max {diff.max():.4f}")
+        # normalized units (std 0.5): 0.02 is ~1.3 grey levels on 0..255; decoders differ by an IDCT rounding.
+        # The mean was measured under 0.02 on an H100 (docs/benchmarks.md); the 99th percentile is not measured
+        # yet (no GPU lent on 2026-12-02): 0.05 (~3 grey levels) bounds the tail until the print above gives it
         assert diff.mean() < 0.02, f"mean |gpu - {cpu}| = {diff.mean():.4f}"
+        assert p99 < 0.05, f"p99 |gpu - {cpu}| = {p99:.4f}"
 
 
 def test_gpu_resume_is_exact(photos):

@@ -11,8 +11,16 @@ from stagewise.benchmarks.datasets import mosaic, photo
 from stagewise.loaders import AugmentSpec, EngineSpec, Loader, StageParams, hostdecode
 from stagewise.loaders.graph import layout_for
 from stagewise.pipeline.build_shards import build_shards
+from tests.fuzz.campaign import extensions_should_build
 
-pytestmark = pytest.mark.skipif(not hostdecode.AVAILABLE, reason="loaders/_cropdecode.c was not built")
+# Skipped only where the extension cannot build (no C compiler or libjpeg headers); where it can, a missing
+# build fails every test here instead of hiding them (test_the_extension_is_built_where_it_can_be says why).
+pytestmark = pytest.mark.skipif(not hostdecode.AVAILABLE and not extensions_should_build(),
+                                reason="no C compiler or libjpeg headers: loaders/_cropdecode.c cannot build here")
+
+
+def test_the_extension_is_built_where_it_can_be():
+    assert hostdecode.AVAILABLE, "loaders/_cropdecode.c did not build, though a compiler and libjpeg's headers are here"
 
 
 def _jpeg(img: Image.Image, **save) -> bytes:
@@ -72,8 +80,9 @@ CASES = {
     "4:2:2 chroma": (photo(10, (160, 120)), {"subsampling": 1}, (5, 5, 115, 150), CROP, 48, 1),
     "progressive": (photo(11, (200, 150)), {"progressive": True}, (30, 40, 140, 190), CROP, 48, 1),
     "restart markers": (photo(12, (200, 150)), {"restart_marker_blocks": 2}, (30, 40, 140, 190), CROP, 48, 1),
-    # DCT-domain scaling (the crop is >= 2x the output): 1/4 scale here, then the resize; not Pillow's path
-    "DCT-scaled mosaic": (mosaic((800, 600), 8), {}, (0, 0, 600, 800), CROP, 64, 12),  # measured: max 6, mean 0.58
+    # DCT-domain scaling (the crop is >= 2x the output): 1/4 scale here, then the resize; not Pillow's path.
+    # Measured: max 6 (7 with another Pillow build, issue #20), mean 0.58: 7 is what a Pillow build may move it to.
+    "DCT-scaled mosaic": (mosaic((800, 600), 8), {}, (0, 0, 600, 800), CROP, 64, 7),
 }
 
 
@@ -85,7 +94,8 @@ def test_crop_decode_resize_matches_pillow(case):
     assert not failed
     diff = np.abs(out.astype(int) - _pillow(data, region, size, reads).astype(int))
     assert diff.max() <= tolerance, (case, diff.max())
-    assert diff.mean() < (0.5 if tolerance <= 1 else 1.0), (case, diff.mean())
+    # measured means: 0.07-0.23 unscaled, 0.58 DCT-scaled
+    assert diff.mean() < (0.3 if tolerance <= 1 else 0.7), (case, diff.mean())
 
 
 def test_the_avx2_filter_gives_the_plain_c_filters_bytes():

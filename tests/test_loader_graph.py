@@ -75,7 +75,7 @@ def test_the_gpu_graph_has_at_most_100_operators_and_the_tree_far_more():
     counts = graph_op_count(AUGMENT, gpu)
     total = sum(counts.values())
     print("GPU graph operators:", total, dict(counts))
-    assert total <= 100
+    assert total <= 98  # measured 98 (2026-12-02; the goal was <= 100): an operator added must make room
     assert counts[("ExternalSource", "cpu")] + counts[("ExternalSource", "gpu")] == len(input_names(AUGMENT, gpu))
     assert counts[("decoders__Image", "mixed")] == 1 and counts[("Resize", "gpu")] == 1
     assert not any(name.startswith("_conditional") for name, _ in counts)

@@ -71,6 +71,20 @@ def _lines(run_dir: Path) -> list[dict]:
             for line in f.read_text().splitlines() if line.strip()]
 
 
+def _trained_on_two(lines: list[dict]) -> bool:
+    """Two ranks have trained past a checkpoint of their own (one every 2 steps), and at least 5 steps in all.
+
+    The first rendezvous may start one node alone, before the second joins and both restart (a scale-up);
+    the drill waits for the two-rank attempt either way."""
+    steps = [line["step"] for line in lines if line["world_size"] == 2]
+    return bool(steps) and max(steps) >= max(5, min(steps) + 2)
+
+
+def _attempt(line: dict) -> tuple[int, int, int]:
+    """The start of the run that wrote a line (the same for all its ranks)."""
+    return line["restart"], line["resumed_at"], line["world_size"]
+
+
 def _expected_steps(shards: str) -> list[list[str]]:
     """The keys of every global step of an uninterrupted run: one rank reading the whole global batch."""
     loader = Loader(shards, split="train", batch_size=GLOBAL_BATCH, device="cpu", seed=0, rank=0, world_size=1,
@@ -102,7 +116,7 @@ def test_a_lost_node_is_survived_with_the_same_samples_per_step(tmp_path, s3_buc
     lost = _agent(port, run_dir, ckpt_dir, shards, tmp_path / "lost.log")
     try:
         deadline = time.time() + TIMEOUT_S
-        while not any(line["world_size"] == 2 and line["step"] >= 5 for line in _lines(run_dir)):
+        while not _trained_on_two(_lines(run_dir)):
             assert time.time() < deadline, (tmp_path / "survivor.log").read_text()[-3000:]
             assert survivor.poll() is None and lost.poll() is None, (tmp_path / "survivor.log").read_text()[-3000:]
             time.sleep(0.05)
@@ -120,18 +134,20 @@ def test_a_lost_node_is_survived_with_the_same_samples_per_step(tmp_path, s3_buc
     lines = _lines(run_dir)
     restarted = [line for line in lines if line["restart"] > 0]
     assert restarted and all(line["world_size"] == 1 for line in restarted), log[-3000:]
-    resumed_at = min(line["step"] for line in restarted) - 1
+    resumed_at = restarted[0]["resumed_at"]
     assert 0 < resumed_at <= killed_at, (resumed_at, killed_at)  # from a checkpoint, not from step 0
     assert f"resumed from {ckpt_dir}/last.pt: step {resumed_at}" in log
     assert "on 1 process instead of 2" in log
 
-    # each global step: the keys of its latest attempt (a step redone after the restart replaces the lost try)
-    latest: dict[int, int] = defaultdict(int)
+    # each global step: the keys of the attempt that trained it last (a step redone after a restart replaces
+    # its lost first try)
+    last: dict[int, dict] = {}
     for line in lines:
-        latest[line["step"]] = max(latest[line["step"]], line["restart"])
+        if line["step"] not in last or line["time"] > last[line["step"]]["time"]:
+            last[line["step"]] = line
     trained: dict[int, list[str]] = defaultdict(list)
     for line in lines:
-        if line["restart"] == latest[line["step"]]:
+        if _attempt(line) == _attempt(last[line["step"]]):
             trained[line["step"]] += line["keys"]
     expected = _expected_steps(shards)
     assert sorted(trained) == list(range(1, len(expected) + 1))

@@ -6,6 +6,7 @@ import itertools
 import statistics
 
 from stagewise.loaders import AugmentSpec, EngineSpec, Loader, ReadSpec, StageParams
+from stagewise.loaders.plan import world_sizes_for
 from stagewise.model.variants import Variant, get_variant
 from stagewise.shards import SplitView, iter_meta
 from stagewise.train.config import Config, ConfigError
@@ -83,7 +84,9 @@ def global_batch(cfg: Config, world_size: int) -> int:
     if cfg.optim.batch_per_rank > 0:
         return cfg.optim.batch_per_rank * world_size
     if cfg.optim.batch_size % world_size:
-        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {world_size} processes")
+        sizes = ", ".join(map(str, world_sizes_for(cfg.optim.batch_size)))
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} (global) does not split over {world_size} "
+                          f"processes: run on a world size dividing it ({sizes})")
     return cfg.optim.batch_size
 
 

@@ -64,6 +64,7 @@ class Run:
     cfg_yaml: str
     cfg_tree: dict
     step: int = 0
+    resumed_at: int = 0  # the step this process started from (a checkpoint's, or 0)
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already trained
     loader_state: dict | None = None  # a mid-epoch resume's loader position, used once
@@ -401,6 +402,7 @@ def _resume(run: Run, ck: dict) -> None:
     if run.ema is not None:
         run.ema.load_state_dict(ck["ema"])
     run.step, run.epoch, run.batch_in_epoch = ck["step"], ck["epoch"], ck["batch"]
+    run.resumed_at = run.step
     run.loader_state, run.last_good = ck["loader"], (run.latest, run.step)
     run.seconds_before, run.images_seen = ck.get("train_seconds", 0.0), ck.get("images_seen", 0)
     run.evals = list(ck.get("evals", []))
@@ -468,10 +470,12 @@ def _log_train(run: Run, sp: StagePlan, input_shape: list[int]) -> None:
 
 
 def _log_samples(run: Run, keys: list[str]) -> None:
-    """One line per step and rank: which samples it trained on (run.sample_log), tagged with the world size and
-    torchrun's restart count, so that steps redone after a restart can be told from the first try."""
+    """One line per step and rank: which samples it trained on (run.sample_log). The line says which start of
+    the run trained it (torchrun's restart count, the step it resumed at, the world size) and when, so that a
+    step redone after a restart can be told from its lost first try."""
     line = {"step": run.step, "epoch": run.epoch, "rank": run.d.rank, "world_size": run.d.world_size,
-            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0), "keys": keys}
+            "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0), "resumed_at": run.resumed_at,
+            "time": round(time.time(), 3), "keys": keys}
     with open(os.path.join(run.cfg.run.dir, f"samples-rank{run.d.rank}.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
 

@@ -20,6 +20,11 @@ DEBUG_ENV = "STAGEWISE_DEBUG"
 USAGE_ERROR = 2  # argparse's exit status for a bad command line, kept for every mistake
 
 
+def count(n: int, word: str) -> str:
+    """`1 stage`, `4 stages`, `2 classes`: a number with its noun in the right number, for the lines people read."""
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith(('s', 'x', 'sh')) else 's'}"
+
+
 def debug_enabled(argv: list[str] | None = None) -> bool:
     """`--debug` among the arguments, or STAGEWISE_DEBUG set to anything but '', '0'."""
     return "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -17,7 +17,7 @@ from multiprocessing import get_context
 
 from PIL import Image
 
-from stagewise.pipeline.errors import report
+from stagewise.pipeline.errors import count, report
 from stagewise.shards import ShardInfo, index_name, join_url, read_index, read_manifest, url_exists
 from stagewise.shards.check import class_histogram, scan_shard
 from stagewise.shards.jpeg import SOF_BASELINE, frame_marker
@@ -90,8 +90,8 @@ def verify(dest: str, workers: int = 1, decode: bool = True) -> dict[str, list[s
             split_problems.append(f"labels outside 0..{len(split.classes) - 1}")
         if split_problems:
             bad[f"split {split_name}"] = split_problems
-        print(f"verify-shards: {split_name}: {len(split.shards)} shards, {total:,} samples, "
-              f"{len(split.classes)} classes" + ("" if not split_problems else " - PROBLEMS"), flush=True)
+        print(f"verify-shards: {split_name}: {count(len(split.shards), 'shard')}, {count(total, 'sample')}, "
+              f"{count(len(split.classes), 'class')}" + ("" if not split_problems else " - PROBLEMS"), flush=True)
     return bad
 
 

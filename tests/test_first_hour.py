@@ -332,3 +332,10 @@ def test_schedule_counts_the_datas_images(dest, capsys):
     assert "24 images per epoch, global batch 12" in out and "1,281,167" not in out
     assert pipeline(["schedule", "--preset", "efficientnetv2_s", "--stages", "1", "--epochs", "1"]) == 0
     assert "1 stage, 1 epoch, 1,281,167 images per epoch" in capsys.readouterr().out
+
+
+def test_help_lists_every_key(capsys):
+    """argparse %-formats help texts: a bare % in one (as "10% of the run" once was) breaks --help."""
+    with pytest.raises(SystemExit) as done:
+        parse(["--help"])
+    assert done.value.code == 0 and "--run.overwrite" in capsys.readouterr().out

@@ -92,7 +92,7 @@ class OptimConfig:
     decay_rate: float = _f(0.97, "exponential decay factor (paper: 0.97)")
     decay_epochs: float = _f(0.0, "epochs between exponential decays; 0 = auto: the paper's 2.4 per 350 epochs, "
                                   "scaled to the run")
-    warmup_epochs: float = _f(-1.0, "linear warm-up from 0, epochs; < 0 = auto: the paper's 5, at most 10% of the run")
+    warmup_epochs: float = _f(-1.0, "linear warm-up from 0, epochs; < 0 = auto: the paper's 5, at most a tenth of the run")
     weight_decay: float = _f(1e-5, "L2 on conv/linear weights, not on BN or biases (paper: 1e-5)")
     momentum: float = _f(0.9, "RMSProp / SGD momentum (paper: 0.9)")
     rmsprop_decay: float = _f(0.9, "RMSProp squared-gradient decay (paper: 0.9)")

@@ -25,7 +25,7 @@ from stagewise.loaders.graph import layout_for
 from stagewise.model.variants import Variant
 from stagewise.shards import MANIFEST_NAME, SplitView
 from stagewise.shards.manifest import read_manifest
-from stagewise.shards.store import is_local, join_url, list_names, probe, remove_url, url_exists
+from stagewise.shards.store import join_url, list_names, probe, remove_url, url_exists
 from stagewise.train import checkpoint, data, interrupts, models
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.distributed import _env_int
@@ -198,8 +198,9 @@ def _run_folder(cfg: Config) -> list[str]:
     if resuming(cfg) or cfg.run.overwrite:
         return []
     ckpt_dir = cfg.run.ckpt_dir or cfg.run.dir
-    if not is_local(ckpt_dir) and probe(ckpt_dir):
-        return [f"run.ckpt_dir: {probe(ckpt_dir)}"]
+    unreachable = probe(ckpt_dir)  # S3 checkpoints: credentials, endpoint, bucket (None for a local folder)
+    if unreachable:
+        return [f"run.ckpt_dir: {unreachable}"]
     held = [join_url(ckpt_dir, checkpoint.LATEST)] + [join_url(cfg.run.dir, LOG_NAME)]
     found = [u for u in held if url_exists(u)]
     if not found:
@@ -217,11 +218,11 @@ def _fit_to_data(cfg: Config, split: SplitView, preset: Preset, world: int) -> l
         cfg.optim.batch_size = data.auto_batch(n, world)
         chosen.append(f"optim.batch_size={cfg.optim.batch_size}")
     if cfg.schedule.min_size == 0 and cfg.schedule.max_size == 0:
-        sizes = data.capped_sizes(preset, data.typical_side(split))
+        side = data.typical_side(split)
+        sizes = data.capped_sizes(preset, side)
         if sizes is not None:
             cfg.schedule.min_size, cfg.schedule.max_size = sizes
-            chosen.append(f"schedule.min_size={sizes[0]} schedule.max_size={sizes[1]} (the images are "
-                          f"{data.typical_side(split)} px)")
+            chosen.append(f"schedule.min_size={sizes[0]} schedule.max_size={sizes[1]} (the images are {side} px)")
     if not chosen:
         return []
     return [f"auto, from {count(n, 'image')}: {', '.join(chosen)}"]
@@ -265,7 +266,7 @@ def _stages(cfg: Config, split: SplitView, preset: Preset, world: int,
         o.warmup_epochs = data.auto_warmup(run_epochs)
     elif o.warmup_epochs >= run_epochs:
         problems.append(f"optim.warmup_epochs={o.warmup_epochs:g} is not shorter than the run "
-                        f"({run_epochs:g} epochs): the learning rate would never reach its peak; pass "
+                        f"({run_epochs:g} epoch{'' if run_epochs == 1 else 's'}): the learning rate would never reach its peak; pass "
                         f"--optim.warmup_epochs={data.auto_warmup(run_epochs):g} (or -1 = auto)")
     if o.decay_epochs == 0:
         o.decay_epochs = data.auto_decay_epochs(run_epochs)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 
 from stagewise.loaders import StageParams
 from stagewise.model.variants import TABLE_6_FIRST_STAGE, TABLE_6_MODELS, Variant, get_variant
+from stagewise.pipeline.errors import count
 from stagewise.train.config import ConfigError, ScheduleConfig
 
 SCHEDULES = ("paper", "automl", "random-resize")
@@ -135,11 +136,6 @@ def _lerp(lo: float, hi: float, r: float) -> float:
 def _round_to_multiple(x: float) -> int:
     """Nearest multiple of 8, halves rounded up (212 -> 216)."""
     return SIZE_MULTIPLE * math.floor(x / SIZE_MULTIPLE + 0.5)
-
-
-def count(n: int, word: str) -> str:
-    """`1 stage`, `4 stages`, `2 classes`: a number with its noun in the right number."""
-    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith(('s', 'x', 'sh')) else 's'}"
 
 
 def check_kind(schedule: str) -> None:

@@ -156,10 +156,13 @@ RECIPES: dict[str, dict[str, Any]] = {
                  "schedule.max_steps": 10_000, "optim.weight_decay": 0.0, "schedule.stages": 1},
 }
 
+# data.cpu_decoder -> the loader's EngineSpec.host_decode (None: the loader's per-device default).
+CPU_DECODERS: dict[str, bool | None] = {"auto": None, "host": True, "dali": False}
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": tuple(RECIPES),
     "data.device": ("auto", "cuda", "cpu"),
-    "data.cpu_decoder": ("auto", "host", "dali"),
+    "data.cpu_decoder": tuple(CPU_DECODERS),
     "optim.optimizer": ("rmsprop_tf", "momentum"),
     "optim.lr_decay": ("exponential", "cosine"),
     "run.device": ("auto", "cuda", "cpu"),

@@ -9,7 +9,7 @@ from stagewise.loaders import AugmentSpec, EngineSpec, Loader, ReadSpec, StagePa
 from stagewise.loaders.plan import world_sizes_for
 from stagewise.model.variants import Variant, get_variant
 from stagewise.shards import SplitView, iter_meta
-from stagewise.train.config import Config, ConfigError
+from stagewise.train.config import CPU_DECODERS, Config, ConfigError
 from stagewise.train.distributed import Dist
 from stagewise.train.schedule import SIZE_MULTIPLE, Preset, StagePlan
 
@@ -139,7 +139,7 @@ def train_loader(cfg: Config, stage: StagePlan, d: Dist) -> Loader:
 
 
 def engine_spec(cfg: Config) -> EngineSpec:
-    return EngineSpec(host_decode={"auto": None, "host": True, "dali": False}[cfg.data.cpu_decoder])
+    return EngineSpec(host_decode=CPU_DECODERS[cfg.data.cpu_decoder])
 
 
 def eval_loader(cfg: Config, size: int, crop: float, batch: int, d: Dist) -> Loader:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stagewise.loaders.crop import center_crop, center_region, random_resized_crop, with_margin
-from stagewise.loaders.graph import INPUT_LAYOUTS, Layout
+from stagewise.loaders.graph import Layout
+from stagewise.loaders.inputs import CROP_END, CROP_START, JPG, LAYOUTS, SIZE, WINDOW
 from stagewise.loaders.mixup import MIX_PARTNER_STREAM, MIX_STREAM, MixParams, draw_mix, mix_feeds
 from stagewise.loaders.params import StageParams
 from stagewise.loaders.randaugment import branchless_inputs, sample_slots, tree_inputs
@@ -84,7 +85,7 @@ def draw_batch(items: list[Item], *, augment: AugmentSpec, layout: Layout, stage
     sizes = np.empty((n, 2), np.int64)
     sizes[:, 0] = [it.height for it in items]
     sizes[:, 1] = [it.width for it in items]
-    inputs: dict[str, object] = {"size": _size_input(n, size)}
+    inputs: dict[str, object] = {SIZE: _size_input(n, size)}
     regions = None
     if layout.host_decode:
         regions = _host_regions(sizes, augment, layout, size, at)
@@ -92,7 +93,7 @@ def draw_batch(items: list[Item], *, augment: AugmentSpec, layout: Layout, stage
         jpgs = [it.view for it in items]  # DALI tensors the shard stream made in its threads (`dali_view`)
         if any(view is None for view in jpgs):
             jpgs = [np.frombuffer(it.jpg, np.uint8) for it in items]
-        inputs["jpg"] = jpgs
+        inputs[JPG] = jpgs
         _dali_regions(inputs, sizes, augment, layout, size, at)
     mix = None
     if layout.train:
@@ -150,22 +151,22 @@ def _dali_regions(inputs: dict, sizes: np.ndarray, augment: AugmentSpec, layout:
     if layout.train:
         windows, flips = _draw_windows(sizes, augment, at)
         if layout.roi_decode:
-            inputs["window"] = windows
-        inputs["crop_start"], inputs["crop_end"] = _region(windows, flips, layout.roi_decode)
+            inputs[WINDOW] = windows
+        inputs[CROP_START], inputs[CROP_END] = _region(windows, flips, layout.roi_decode)
     elif augment.eval_geometry == "torchvision":  # the exact region, in pixels of the decoded window or image
         region = center_region(sizes, size, augment.crop_pct)
         offset = np.zeros((n, 2))
         if layout.roi_decode:
-            inputs["window"] = with_margin(region, sizes, size)
-            offset = inputs["window"][:, 0:2].astype(np.float64)
-        inputs["crop_start"] = (region[:, 0:2] - offset).astype(np.float32)
-        inputs["crop_end"] = (region[:, 2:4] - offset).astype(np.float32)
+            inputs[WINDOW] = with_margin(region, sizes, size)
+            offset = inputs[WINDOW][:, 0:2].astype(np.float64)
+        inputs[CROP_START] = (region[:, 0:2] - offset).astype(np.float32)
+        inputs[CROP_END] = (region[:, 2:4] - offset).astype(np.float32)
     else:
         windows = center_crop(sizes, size, augment.crop_pct)
         if layout.roi_decode:
-            inputs["window"] = windows
+            inputs[WINDOW] = windows
         else:
-            inputs["crop_start"], inputs["crop_end"] = _region(windows, np.zeros(n, np.float32), False)
+            inputs[CROP_START], inputs[CROP_END] = _region(windows, np.zeros(n, np.float32), False)
 
 
 def _region(windows: np.ndarray, flips: np.ndarray, relative: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -224,7 +225,7 @@ class Feeder:
                     data = [tensor(x, "") for x in data]
                 self._list(name, data, None, False)
             else:
-                self._tl(name, self._TensorListCPU(data, INPUT_LAYOUTS.get(name, "")), None, False)
+                self._tl(name, self._TensorListCPU(data, LAYOUTS.get(name, "")), None, False)
 
 
 def feed(pipe, names: list[str], inputs: dict[str, object]) -> None:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from nvidia.dali import fn, pipeline_def, types
 
 from stagewise.loaders import hostdecode, ops
+from stagewise.loaders.inputs import CROP_END, CROP_START, IMG, JPG, SIZE, WINDOW, mix_names
 from stagewise.loaders.randaugment import input_names as randaug_input_names
 from stagewise.loaders.spec import AugmentSpec, EngineSpec
 
-INPUT_LAYOUTS = {"img": "HWC"}  # inputs whose tensors carry a layout (the Feeder sets it; DALI's ops check it)
 KNOWN_BAD_NVIMGCODEC = ((0, 9),)  # (major, minor) whose GPU ROI decode crashes or fails: NVIDIA/nvImageCodec#55
 
 
@@ -90,14 +90,14 @@ def layout_for(*, train: bool, gpu: bool, engine: EngineSpec) -> Layout:
 def input_names(augment: AugmentSpec, layout: Layout) -> list[str]:
     """Every input the graph declares, in feeding order."""
     if layout.host_decode:
-        names = ["img"] + (["size"] if layout.branchless else [])  # only branchless RandAugment reads the size
+        names = [IMG] + ([SIZE] if layout.branchless else [])  # only branchless RandAugment reads the size
     else:
-        names = ["jpg", "size"] + (["window"] if layout.roi_decode else [])
+        names = [JPG, SIZE] + ([WINDOW] if layout.roi_decode else [])
     if _has_region(augment, layout):
-        names += ["crop_start", "crop_end"]
+        names += [CROP_START, CROP_END]
     if layout.train:
         names += randaug_input_names(augment.randaug_layers or 0, layout.branchless)
-        names += ["mix_lam", "mix_perm", "mix_ids", "mix_anchors", "mix_shapes"] + ([] if layout.branchless else ["mix_kind"])
+        names += mix_names(layout.branchless)
     return names
 
 
@@ -112,13 +112,13 @@ def _define(augment: AugmentSpec, layout: Layout, hints: dict):
     if layout.host_decode:
         return _define_from_host(augment, layout)
     norm = (augment.mean, augment.std, augment.channels_last)
-    jpg = ops.source("jpg", types.UINT8, 1)
-    size = ops.source("size", types.FLOAT, 1)
-    window = ops.source("window", types.FLOAT, 1) if layout.roi_decode else None
+    jpg = ops.source(JPG)
+    size = ops.source(SIZE)
+    window = ops.source(WINDOW) if layout.roi_decode else None
     img = ops.decode(jpg, window, layout.gpu, hints)
     start = end = None
     if _has_region(augment, layout):
-        start, end = ops.source("crop_start", types.FLOAT, 1), ops.source("crop_end", types.FLOAT, 1)
+        start, end = ops.source(CROP_START), ops.source(CROP_END)
     if not layout.train:  # eval regions are in pixels (of the decoded window, or of the whole image)
         return ops.normalize(ops.crop(img, size, start, end, relative=False), *norm)
     # uint8 out of the resize, as the reference's RandAugment sees it (Posterize and Solarize are defined on
@@ -129,8 +129,8 @@ def _define(augment: AugmentSpec, layout: Layout, hints: dict):
 
 def _define_from_host(augment: AugmentSpec, layout: Layout):
     """The graph after the host's crop-decode-resize: uint8 HWC images at the stage size come in."""
-    img = ops.source("img", types.UINT8, 3, layout=INPUT_LAYOUTS["img"])
-    size = ops.source("size", types.FLOAT, 1) if layout.branchless else None
+    img = ops.source(IMG)
+    size = ops.source(SIZE) if layout.branchless else None
     if not layout.train:
         return ops.normalize(img, augment.mean, augment.std, augment.channels_last)
     return _augment(fn.cast(img, dtype=types.FLOAT), size, augment, layout)
@@ -206,8 +206,8 @@ def build_pipeline(augment: AugmentSpec, layout: Layout, engine: EngineSpec, *, 
 
 @pipeline_def
 def _probe_graph(layout: Layout, hints: dict):
-    jpg = ops.source("jpg", types.UINT8, 1)
-    window = ops.source("window", types.FLOAT, 1) if layout.roi_decode else None
+    jpg = ops.source(JPG)
+    window = ops.source(WINDOW) if layout.roi_decode else None
     return ops.decode(jpg, window, layout.gpu, hints)
 
 

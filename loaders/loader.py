@@ -13,14 +13,15 @@ from the very next batch pulled (batches already in flight are fed again).
 batch G = batch_size x world_size); `load_state_dict` resumes there, on any world size that
 divides G, with the same global steps an uninterrupted run yields (bit-identical in CPU mode
 when mixup is off; mixup partners stay within a rank's slice, see docs/loader.md).
-The Loader owns its epochs: it plans each one, opens its shard stream and hands it
-to the runner; while a training epoch ends, the next one is already being read and
-processed. `set_epoch(e)` is there for exact control (and DDP's shared epoch number).
+Its parts: `Epochs` (loaders/epochs.py) plans and opens each epoch and holds the position in
+it (while a training epoch ends, the next one is already being read and processed);
+`Runner` (loaders/runner.py) feeds the DALI pipelines and pulls their batches; `Faults`
+(loaders/faults.py) decides what a bad sample becomes. `set_epoch(e)` is there for exact
+control (and DDP's shared epoch number).
 """
 from __future__ import annotations
 
 import os
-import threading
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -32,7 +33,9 @@ from stagewise.loaders.graph import Layout, layout_for
 from stagewise.loaders.mixup import mixed_targets
 from stagewise.loaders.params import StageParams
 from stagewise.loaders.plan import epoch_length, plan_epoch, world_sizes_for
-from stagewise.loaders.runner import Epoch, Runner, Stats
+from stagewise.loaders.epochs import Epoch, Epochs
+from stagewise.loaders.faults import Faults
+from stagewise.loaders.runner import Runner, Stats
 from stagewise.loaders.shard_stream import INDEX_CACHE, IndexCache, LoaderError, ShardStream
 from stagewise.loaders.spec import AugmentSpec, EngineSpec, ReadSpec
 from stagewise.shards import open_split
@@ -84,19 +87,20 @@ class Loader:
         # Train: a rank reads its batch_size partitions side by side, so about one shard per partition is open.
         self._indexes = IndexCache(INDEX_CACHE + (batch_size if train else 0))
         pipes = self.engine.pipelines or (1 if gpu else self.num_threads)
+        stats = Stats()
+        self._epochs = Epochs(self._open_epoch, train=train, stats=stats)  # the epochs and the position in them
+        faults = Faults(on_error=self.reading.on_error, layout=self.layout, engine=self.engine, batch_size=batch_size,
+                        device_id=device_id)
         self._runner = Runner(
             self.augment, self.layout, self.engine, batch_size=batch_size, pipelines=pipes,
             threads_per_pipeline=max(1, self.num_threads // pipes), device_id=device_id,
-            depth=self.engine.prefetch or (2 if gpu or self.layout.host_decode else 1), seed=seed, on_error=self.reading.on_error, stage=stage,
+            depth=self.engine.prefetch or (2 if gpu or self.layout.host_decode else 1), seed=seed, faults=faults,
+            epochs=self._epochs, stats=stats, stage=stage,
             first_slot=self.rank * batch_size if train else 0, global_batch=self.global_batch if train else batch_size,
         )
         self._runner.set_stage(stage)
         self.stage = stage
-        self._epoch: int | None = None  # the epoch being iterated
-        self._position = 0  # batches of the current epoch already yielded
-        self._pending: tuple[int, int] | None = None  # from load_state_dict
         self._generation = 0  # bumped by each __iter__: an older iterator stops
-        self._next: _Opener | None = None  # training: the next epoch, opened in the background
         self.batch_keys: list[str] = []  # the keys of the batch last yielded, as trained (faulty ones replaced)
 
     # ------------------------------------------------------------------ public API
@@ -111,11 +115,12 @@ class Loader:
     @property
     def epoch(self) -> int:
         """The epoch the next batch belongs to."""
-        if self._pending is not None:
-            return self._pending[0]
-        if self._epoch is None:
+        epochs = self._epochs
+        if epochs.pending is not None:
+            return epochs.pending[0]
+        if epochs.current is None:
             return 0
-        return self._epoch + 1 if self.train and self._position >= len(self) else self._epoch
+        return epochs.current.number + 1 if self.train and epochs.position >= len(self) else epochs.current.number
 
     @property
     def hflip_prob(self) -> float:
@@ -124,22 +129,22 @@ class Loader:
     @property
     def skipped(self) -> int:
         """Samples skipped (and replaced) under on_error='skip'."""
-        return self._runner.skipped
+        return self._runner.faults.skipped
 
     @property
     def faults(self) -> list[str]:
         """The first (up to 100) faults skipped, each naming its shard and sample."""
-        return list(self._runner.faults)
+        return list(self._runner.faults.seen)
 
     @property
     def retried(self) -> int:
         """Transient read errors retried so far (S3 5xx, timeouts, dropped connections)."""
-        return self._runner.retried
+        return self._epochs.retried
 
     @property
     def reader_cpu(self) -> float:
         """CPU seconds the shard-reader threads have spent so far (bench-loader's accounting)."""
-        return self._runner.reader_cpu
+        return self._epochs.reader_cpu
 
     @property
     def host_decode_cpu(self) -> float:
@@ -154,16 +159,8 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at batch 0, or at the batch a preceding `load_state_dict` named for it."""
-        start = self._pending[1] if self._pending and self._pending[0] == epoch else 0
-        self._pending = None
-        runner = self._runner
-        if runner.ahead and runner.ahead[0].number == epoch and start == 0:
-            runner.promote()  # its first batches are in flight already
-        else:
-            runner.begin(self._take_next(epoch) if start == 0 else self._open_epoch(epoch, start))
-        self._epoch, self._position = epoch, start
+        self._epochs.start(epoch, self._runner.drop_flights)
         self._generation += 1
-        self._prepare_next((runner.ahead[-1].number if runner.ahead else epoch) + 1)
 
     def set_stage(self, stage: StageParams) -> None:
         """Takes effect from the very next batch pulled (in-flight batches are fed again)."""
@@ -176,7 +173,8 @@ class Loader:
         "step" counts the batches of the epoch already yielded, which are global steps (every rank
         takes one batch of each). Eval: this rank's batches of its pass (resume an eval pass on its own W).
         """
-        epoch, step = self._pending or (self._epoch if self._epoch is not None else 0, self._position)
+        epochs = self._epochs
+        epoch, step = epochs.pending or (epochs.current.number if epochs.current else 0, epochs.position)
         return {
             "format": STATE_FORMAT, "epoch": epoch, "step": step, "seed": self.seed,
             "global_batch": self.global_batch, "split": self.split, "stage": asdict(self.stage),
@@ -208,7 +206,7 @@ class Loader:
             step = int(state["step"])
         if not 0 <= step <= len(self):
             raise ValueError(f"loader state step={step} outside 0..{len(self)}")
-        self._pending = (int(state["epoch"]), step)
+        self._epochs.pending = (int(state["epoch"]), step)
 
     def _check_old_state(self, state: dict) -> int:
         """A first-format state (per rank: "world_size", "batch_size", "batch"): its own world size only."""
@@ -231,19 +229,20 @@ class Loader:
         So `for x, y in loader` works without `set_epoch`: epoch 0, then 1, ... A pass broken off
         early continues where it stopped (state_dict() names that batch); `set_epoch(e)` starts e.
         """
-        if self._pending is not None:
-            self.set_epoch(self._pending[0])
-        elif self._epoch is None:
+        epochs = self._epochs
+        if epochs.pending is not None:
+            self.set_epoch(epochs.pending[0])
+        elif epochs.current is None:
             self.set_epoch(0)
-        elif self._position >= len(self):
-            self.set_epoch(self._epoch + 1 if self.train else self._epoch)
+        elif epochs.position >= len(self):
+            self.set_epoch(epochs.current.number + 1 if self.train else epochs.current.number)
         else:
             self._generation += 1
         return self._batches(self._generation)
 
     def close(self) -> None:
-        self._prepare_next(None)
         self._runner.close()
+        self._epochs.close()
 
     def __enter__(self) -> "Loader":
         return self
@@ -267,45 +266,19 @@ class Loader:
         )
         return Epoch(epoch, plan, stream, next_feed=batch, open_s=time.thread_time() - start)
 
-    def _prepare_next(self, epoch: int | None) -> None:
-        """Training: open `epoch` (its plan and shard stream) in a thread while the current one runs.
-
-        Opening an epoch is pure Python over all its samples (the shuffle buffer's order, the read
-        runs): ~1-2 s for an ImageNet epoch, which would otherwise stall the consuming thread at
-        every epoch boundary. None: drop the one prepared.
-        """
-        old, self._next = self._next, None
-        if old is not None and (epoch is None or old.epoch != epoch):
-            old.discard()
-        elif old is not None:
-            self._next = old
-            return
-        if epoch is not None and self.train:
-            self._next = _Opener(epoch, self._open_epoch)
-
-    def _take_next(self, epoch: int) -> Epoch:
-        prepared, self._next = self._next, None
-        if prepared is not None and prepared.epoch == epoch:
-            return prepared.result()
-        if prepared is not None:
-            prepared.discard()
-        return self._open_epoch(epoch, 0)
-
     def _batches(self, generation: int):
-        runner = self._runner
+        runner, epochs = self._runner, self._epochs
         while True:
             if generation != self._generation:
                 raise RuntimeError("this loader iterator was replaced by a newer iter(loader) or set_epoch()")
-            if self._position >= len(self):
+            if epochs.position >= len(self):
                 return
             images, flight = runner.pull()
-            while (wanted := runner.wanted_epoch) is not None:  # the next epochs keep the pipelines busy
-                runner.set_ahead(self._take_next(wanted))
-                self._prepare_next(wanted + 1)
+            runner.top_up()  # the next epochs keep the pipelines busy
             start = time.thread_time()
             targets = self._targets(flight)
             runner.stats.handover += time.thread_time() - start
-            self._position += 1
+            epochs.position += 1
             self.batch_keys = [it.key for it in flight.items]
             yield images, targets
 
@@ -319,34 +292,6 @@ class Loader:
                                     flight.stage.label_smoothing, flight.mix)  # the images were mixed in the pipeline
             return torch.from_numpy(targets).to(self.device)
         return torch.tensor([it.label for it in flight.items], dtype=torch.int64).to(self.device)
-
-
-class _Opener:
-    """One epoch opened in a background thread; `result()` waits for it and re-raises its error."""
-
-    def __init__(self, epoch: int, open_epoch) -> None:
-        self.epoch, self._epoch, self._error = epoch, None, None
-        self._thread = threading.Thread(target=self._run, args=(open_epoch,), name=f"open-epoch-{epoch}",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, open_epoch) -> None:
-        try:
-            self._epoch = open_epoch(self.epoch, 0)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer by result()
-            self._error = exc
-
-    def result(self) -> Epoch:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._epoch is not None
-        return self._epoch
-
-    def discard(self) -> None:
-        self._thread.join()
-        if self._epoch is not None:
-            self._epoch.stream.close()
 
 
 def _parse_device(device: str) -> tuple[bool, int | None]:

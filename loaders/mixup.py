@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stagewise.loaders.inputs import MIX_ANCHORS, MIX_IDS, MIX_KIND, MIX_LAM, MIX_PERM, MIX_SHAPES
 from stagewise.loaders.params import StageParams
 
 MIX_STREAM, MIX_PARTNER_STREAM = 4, 5  # generator stream ids, see feed.batch_rng
@@ -121,17 +122,17 @@ def mix_feeds(mix: MixParams, n: int, size: int, branchless: bool) -> dict[str, 
     y, x, h, w = mix.box
     rows = np.arange(n, dtype=np.int32)
     out = {
-        "mix_lam": np.full(n, mix.lam if mix.kind == MIXUP else 1.0, np.float32),
-        "mix_perm": mix.perm.copy() if mix.kind == MIXUP else rows,
+        MIX_LAM: np.full(n, mix.lam if mix.kind == MIXUP else 1.0, np.float32),
+        MIX_PERM: mix.perm.copy() if mix.kind == MIXUP else rows,
         # CutMix as two pastes per output: the sample itself, whole, then the partner's box in place
         # (an empty box when the batch does not use CutMix: an exact copy).
-        "mix_ids": np.stack([rows, mix.perm], axis=1),
-        "mix_anchors": np.tile(np.array([[0, 0], [y, x]], np.int32), (n, 1, 1)),
-        "mix_shapes": np.tile(np.array([[size, size], [h, w]], np.int32), (n, 1, 1)),
+        MIX_IDS: np.stack([rows, mix.perm], axis=1),
+        MIX_ANCHORS: np.tile(np.array([[0, 0], [y, x]], np.int32), (n, 1, 1)),
+        MIX_SHAPES: np.tile(np.array([[size, size], [h, w]], np.int32), (n, 1, 1)),
     }
     if not branchless:
-        out["mix_kind"] = np.full(n, mix.kind, np.int32)
-        out["mix_lam"] = np.full(n, mix.lam, np.float32)
+        out[MIX_KIND] = np.full(n, mix.kind, np.int32)
+        out[MIX_LAM] = np.full(n, mix.lam, np.float32)
     return out
 
 

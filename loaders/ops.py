@@ -20,6 +20,7 @@ from __future__ import annotations
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import do_not_convert
 
+from stagewise.loaders.inputs import LAYOUTS, MIX_ANCHORS, MIX_IDS, MIX_KIND, MIX_LAM, MIX_PERM, MIX_SHAPES, SPECS, mix_names
 from stagewise.loaders.mixup import CUTMIX, MIXUP
 from stagewise.loaders.randaugment import (
     RandAugmentConfig, apply_layer, apply_layer_branchless, clip, shared_inputs, slot_inputs,
@@ -27,9 +28,12 @@ from stagewise.loaders.randaugment import (
 
 
 @do_not_convert  # plain graph code: AutoGraph's transform would only cost build time
-def source(name: str, dtype, ndim: int, device: str = "cpu", layout: str | None = None):
-    """A named input. CPU inputs are shared, not copied (no_copy); a GPU input is copied from the host array."""
-    return fn.external_source(name=name, dtype=dtype, ndim=ndim, no_copy=device == "cpu", device=device, layout=layout)
+def source(name: str, device: str = "cpu"):
+    """The input `name` as declared in loaders/inputs.py. CPU inputs are shared, not copied (no_copy);
+    a GPU input is copied from the host array."""
+    dtype, ndim = SPECS[name]
+    return fn.external_source(name=name, dtype=getattr(types, dtype), ndim=ndim, no_copy=device == "cpu",
+                              device=device, layout=LAYOUTS.get(name))
 
 
 @do_not_convert
@@ -82,15 +86,9 @@ def randaugment(img, cfg: RandAugmentConfig, layers: int, *, branchless: bool, c
 
 @do_not_convert
 def mix_inputs(branchless: bool = False) -> dict:
-    """The external_source nodes of `mix` / `mix_branchless`, fed from `mixup.mix_feeds`."""
-    out = {
-        "lam": source("mix_lam", types.FLOAT, 0),  # on the GPU, `.gpu()` moves it on DALI's own stream
-        "perm": source("mix_perm", types.INT32, 0), "ids": source("mix_ids", types.INT32, 1),
-        "anchors": source("mix_anchors", types.INT32, 2), "shapes": source("mix_shapes", types.INT32, 2),
-    }
-    if not branchless:
-        out["kind"] = source("mix_kind", types.INT32, 0)
-    return out
+    """The external_source nodes of `mix` / `mix_branchless` by input name, fed from `mixup.mix_feeds`
+    (all on the CPU: on the GPU, `.gpu()` moves the lambda on DALI's own stream)."""
+    return {name: source(name) for name in mix_names(branchless)}
 
 
 def mix(img, inputs: dict, compact: bool = False):
@@ -99,10 +97,10 @@ def mix(img, inputs: dict, compact: bool = False):
     Every sample of a batch has the same kind, so each branch sees the whole batch or
     nothing, and the permutation indices stay valid inside it.
     """
-    kind = inputs["kind"]
+    kind = inputs[MIX_KIND]
     if kind == MIXUP:
-        lam = inputs["lam"].gpu() if img.device == "gpu" else inputs["lam"]
-        partner = fn.permute_batch(img, indices=inputs["perm"])
+        lam = inputs[MIX_LAM].gpu() if img.device == "gpu" else inputs[MIX_LAM]
+        partner = fn.permute_batch(img, indices=inputs[MIX_PERM])
         out = partner + (img - partner) * lam if compact else img * lam + partner * (1.0 - lam)
     elif kind == CUTMIX:
         out = _paste(img, inputs)
@@ -119,15 +117,15 @@ def mix_branchless(img, inputs: dict):
     batches that do not mix up, which gives x exactly. CutMix: the partner's box pasted over
     the whole sample, an empty box on batches without CutMix.
     """
-    partner = fn.permute_batch(img, indices=inputs["perm"])
-    lam = inputs["lam"] if inputs["lam"].device == img.device else inputs["lam"].gpu()
+    partner = fn.permute_batch(img, indices=inputs[MIX_PERM])
+    lam = inputs[MIX_LAM] if inputs[MIX_LAM].device == img.device else inputs[MIX_LAM].gpu()
     return _paste(partner + (img - partner) * lam, inputs)
 
 
 @do_not_convert
 def _paste(img, inputs: dict):
-    return fn.multi_paste(img, in_ids=inputs["ids"], in_anchors=inputs["anchors"], shapes=inputs["shapes"],
-                          out_anchors=inputs["anchors"])
+    return fn.multi_paste(img, in_ids=inputs[MIX_IDS], in_anchors=inputs[MIX_ANCHORS], shapes=inputs[MIX_SHAPES],
+                          out_anchors=inputs[MIX_ANCHORS])
 
 
 @do_not_convert  # plain graph code: AutoGraph's transform would only cost build time

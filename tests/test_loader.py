@@ -314,7 +314,7 @@ def test_the_next_epoch_opened_early_gives_the_same_batches_as_a_fresh_start(pho
         expected = take(fresh, epoch=1)
     with Loader(photos, **kw) as loader:
         take(loader, epoch=0)
-        assert loader._runner.ahead and loader._runner.ahead[0].number == 1  # opened while epoch 0 ran
+        assert loader._epochs.ahead and loader._epochs.ahead[0].number == 1  # opened while epoch 0 ran
         got = take(loader, epoch=1)
         take(loader, epoch=2, count=2)  # stopped early: the next set_epoch must not reuse epoch 3's batches
         again = take(loader, epoch=1)
@@ -335,7 +335,7 @@ def test_one_batch_epochs_are_kept_in_flight_several_at_once_with_the_same_batch
         got, ahead = [], []
         for _ in range(5):
             got.append(list(loader))
-            ahead.append([e.number for e in loader._runner.ahead])
+            ahead.append([e.number for e in loader._epochs.ahead])
         assert loader._runner.stats.epochs == 5 + len(ahead[-1])  # each epoch opened once
     assert all(len(numbers) >= 2 for numbers in ahead), ahead  # more than the one epoch ahead a boundary needs
     assert all(numbers == list(range(e + 1, e + 1 + len(numbers))) for e, numbers in enumerate(ahead)), ahead

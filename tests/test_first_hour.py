@@ -73,7 +73,6 @@ TRAIN_MISTAKES = {  # name: (arguments after --data DEST --run.dir RUN, what the
     "warm-up as long as the run": (["--schedule.epochs=2", "--optim.warmup_epochs=5"],
                                    ["optim.warmup_epochs=5 is not shorter than the run (2 epochs)",
                                     "--optim.warmup_epochs=0.2"]),
-    "batch drops a third of the data": (["--optim.batch_size=16"], ["leaves out 8 (33%) every epoch"]),
     "bad crop range (the loader's rule)": (["--data.crop_scale=0.5,0.1"], ["data.crop_scale: AugmentSpec.scale"]),
     "unknown schedule kind (the schedule's rule)": (["--schedule.kind=cosine"], ["schedule.kind: unknown schedule"]),
     "unknown fault policy (the loader's rule)": (["--data.on_error=ignore"], ["data.on_error: ReadSpec.on_error"]),
@@ -105,7 +104,7 @@ def test_no_val_split_says_how_to_build_it(train_only, tmp_path, capsys):
 
 @pytest.mark.parametrize("url, expected", [
     ("", "data.url is empty: pass --data DEST"),
-    ("/nonexistent/ds", "no dataset at /nonexistent/ds"),
+    ("/nonexistent/ds", "data.url: no manifest.json in /nonexistent/ds: build a dataset there with"),
 ])
 def test_no_dataset(tmp_path, capsys, url, expected):
     one_line(capsys, train(["--data", url, "--run.dir", str(tmp_path / "run")] if url else
@@ -317,6 +316,12 @@ def test_preflight_fills_the_auto_values_from_the_data(dest, tmp_path):
     assert [sp.values.image_size for sp in plan.stages] == [40, 56, 80, 96]
     assert any("auto, from 24 images: optim.batch_size=12" in n for n in plan.notes)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_that_drops_much_of_the_data_is_said_before_training(dest, tmp_path):
+    plan = preflight.check(parse(["--data", dest, "--run.dir", str(tmp_path / "run"), "--optim.batch_size=16"]))
+    assert any("batch 16 on 24 images leaves out 8 (33%) every epoch" in n and "--optim.batch_size=12" in n
+               for n in plan.notes)
 
 
 def test_stage_params_for_an_eval_loader_and_plurals():

@@ -25,7 +25,7 @@ from stagewise.pipeline.build_shards import build_shards
 from stagewise.shards import Sample, ShardWriter, make_key
 from stagewise.shards.manifest import Manifest, ShardInfo, SplitInfo, write_manifest
 from tests.conftest import write_solid_tree
-from stagewise.train import checkpoint, config, data, models
+from stagewise.train import checkpoint, config, data, models, preflight
 from stagewise.train.distributed import Dist
 from stagewise.train.cli import main
 from stagewise.train.loop import TrainingDiverged, save_checkpoint, setup, train
@@ -196,7 +196,8 @@ def test_the_checkpoint_guard_refuses_non_finite_weights_and_keeps_the_last_good
     cfg = config.parse(TINY + ["--data", shards, "--run-dir", str(tmp_path), "--schedule.epochs=1",
                                "--schedule.stages=1", "--schedule.max_size=32"])
     d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    run = setup(cfg, d, Telemetry(str(tmp_path), enabled=True, tensorboard=False, progress=False), print_config=False)
+    run = setup(preflight.check(cfg), d, Telemetry(str(tmp_path), enabled=True, tensorboard=False, progress=False),
+                print_config=False)
     save_checkpoint(run, stage_end=None)
     good = (tmp_path / "last.pt").read_bytes()
     with torch.no_grad():

@@ -99,7 +99,7 @@ def train(cfg: Config, print_config: bool = True) -> dict:
     cfg = checked.cfg
     d = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     distributed.barrier()  # no rank creates the run folder before every rank checked it
-    if cfg.run.overwrite and d.is_main:
+    if cfg.run.overwrite and d.is_main and not preflight.resuming(cfg):  # a resume (elastic restart) keeps the run
         preflight.clear_run(cfg)
     tel = Telemetry(cfg.run.dir, enabled=d.is_main, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     threads = torch.get_num_threads()

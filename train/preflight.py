@@ -7,7 +7,7 @@ one cheap request to S3, fills the config's auto values from the data
 looks at the run folder. Every problem found is reported together in one
 `PreflightError`, one line each with its fix; nothing has been written then.
 Lines that do not stop a run (a batch that drops a few percent of the data)
-come back as notes.
+come back as notes, printed before the first step.
 """
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ TENSORBOARD = "tensorboard"  # train/telemetry.py's SummaryWriter folder in run.
 # The config key behind each spec field that `data.py` fills from the config (for the line that names it).
 SPEC_KEYS = {"scale": "data.crop_scale", "hflip_prob": "data.hflip_prob", "mean": "data.mean", "std": "data.std",
              "crop_pct": "data.eval_crop_pct", "on_error": "data.on_error", "host_decode": "data.cpu_decoder"}
-# Share of the images the loader's dropped last batch leaves out per epoch: a note above, a problem above 25%.
-DROP_NOTE, DROP_ERROR = data.MAX_AUTO_DROP, 0.25
+DROP_NOTE = data.MAX_AUTO_DROP  # share of the images the loader's dropped last batch may leave out without a note
 
 
 class PreflightError(ConfigError):
@@ -166,7 +165,7 @@ def _data(cfg: Config, problems: list[str]) -> SplitView | None:
     try:
         manifest = read_manifest(url)
     except FileNotFoundError:
-        problems.append(f"data.url: no dataset at {url} (no {MANIFEST_NAME}): build one with `pipeline build-shards "
+        problems.append(f"data.url: no {MANIFEST_NAME} in {url}: build a dataset there with `pipeline build-shards "
                         f"SRC {url} --split {cfg.data.train_split}`")
         return None
     except ValueError as exc:
@@ -256,10 +255,10 @@ def _stages(cfg: Config, split: SplitView, preset: Preset, world: int,
     problems = []
     worst = max(stages, key=lambda sp: n % sp.batch_size)
     dropped = (n % worst.batch_size) / n
-    if dropped > DROP_NOTE:
-        line = (f"{key}: batch {worst.batch_size} on {count(n, 'image')} leaves out {n % worst.batch_size} "
-                f"({dropped:.0%}) every epoch (the last, partial batch is dropped)")
-        (problems if dropped > DROP_ERROR else notes).append(line + (f": {fix}" if dropped > DROP_ERROR else ""))
+    if dropped > DROP_NOTE:  # a note, not a problem: a small test set or schedule.per_stage_batch may mean it
+        notes.append(f"note: {key}: batch {worst.batch_size} on {count(n, 'image')} leaves out "
+                     f"{n % worst.batch_size} ({dropped:.0%}) every epoch (the last, partial batch is dropped); "
+                     f"--optim.batch_size={suggest} would not")
     run_epochs = max_steps / stages[0].steps_per_epoch if max_steps else float(epochs)
     o = cfg.optim
     if o.warmup_epochs < 0:

@@ -305,6 +305,7 @@ def test_auto_values_are_the_papers_on_imagenet_and_scale_down():
     s = PRESETS["efficientnetv2_s"]
     assert data.capped_sizes(s, 500) is None  # ImageNet's typical 500 px: the paper's 128 -> 300
     assert data.capped_sizes(s, 128) == (56, 128) and data.capped_sizes(s, 96) == (40, 96)
+    assert data.capped_sizes(s, 64) == (40, 64) and data.capped_sizes(s, 36) == (32, 32)  # above the stride if it can
 
 
 def test_preflight_fills_the_auto_values_from_the_data(dest, tmp_path):

@@ -28,6 +28,7 @@ PAPER_EPOCHS, PAPER_WARMUP, PAPER_DECAY_EPOCHS = 350, 5.0, 2.4  # paper §5.1
 MAX_WARMUP_SHARE = 0.1  # of the run: a short run warms up for at most a tenth of itself
 TF_BN_MOMENTUM = 0.01  # torch convention of TF's 0.99, what model/ builds
 BN_WINDOW_STEPS = 50  # auto BN momentum 50/steps: running statistics average over at most ~2% of a short run
+STRIDE = 32  # px per deepest-map pixel of the ImageNet ConvNets (model/ variants, ResNets) when the model won't say
 SIDE_SAMPLE = 64  # samples whose json member gives the data's image size: a few KB of ranged reads each
 
 
@@ -68,14 +69,16 @@ def typical_side(view: SplitView) -> int | None:
     return int(statistics.median(sides)) if sides else None
 
 
-def capped_sizes(preset: Preset, side: int | None) -> tuple[int, int] | None:
+def capped_sizes(preset: Preset, side: int | None, stride: int = STRIDE) -> tuple[int, int] | None:
     """(min, max) train sizes for data whose images are `side` px: the preset's, capped at the images' own size
-    (rounded down to 8) with the preset's min/max ratio kept (S: 128/300); None when the preset already fits."""
+    (rounded down to 8) with the preset's min/max ratio kept (S: 128/300), but the first stage above the model's
+    stride where the images allow (at `stride` px the deepest maps are 1x1: docs/training.md, "The digits");
+    None when the preset already fits."""
     if side is None or preset.max_size <= side:
         return None
     top = max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)
     low = max(SIZE_MULTIPLE, round(top * preset.min_size / preset.max_size / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    return low, top
+    return min(top, max(low, stride + SIZE_MULTIPLE)), top
 
 
 def global_batch(cfg: Config, world_size: int) -> int:

@@ -218,7 +218,8 @@ def _fit_to_data(cfg: Config, split: SplitView, preset: Preset, world: int) -> l
         chosen.append(f"optim.batch_size={cfg.optim.batch_size}")
     if cfg.schedule.min_size == 0 and cfg.schedule.max_size == 0:
         side = data.typical_side(split)
-        sizes = data.capped_sizes(preset, side)
+        variant = models.variant_of(cfg.model.name)
+        sizes = data.capped_sizes(preset, side, variant.stride if variant else data.STRIDE)
         if sizes is not None:
             cfg.schedule.min_size, cfg.schedule.max_size = sizes
             chosen.append(f"schedule.min_size={sizes[0]} schedule.max_size={sizes[1]} (the images are {side} px)")

@@ -15,6 +15,7 @@ import json
 from dataclasses import replace
 
 from stagewise.pipeline.errors import report
+from stagewise.model.variants import get_variant
 from stagewise.shards import open_split
 from stagewise.train.data import PAPER_BATCH, auto_batch, capped_sizes, typical_side
 from stagewise.train.schedule import PRESETS, SCHEDULES, count, get_preset, plan
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         num_images = args.num_images or (view.num_samples if view else IMAGENET_TRAIN_IMAGES)
         batch = args.batch_size or (auto_batch(num_images) if view else PAPER_BATCH)
         preset = get_preset(args.preset)
-        sizes = capped_sizes(preset, typical_side(view)) if view else None  # as the trainer caps them
+        sizes = capped_sizes(preset, typical_side(view), get_variant(args.preset).stride) if view else None  # as train
         if sizes:
             preset = replace(preset, min_size=sizes[0], max_size=sizes[1])
         rows = plan(preset, epochs=args.epochs, n_stages=args.stages, schedule=args.schedule,

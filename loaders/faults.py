@@ -113,18 +113,13 @@ class Faults:
             self.broken = (f"DALI failed on {where} and no single sample of it fails to decode alone "
                            f"(first samples: {keys}): {message}")
             raise LoaderError(self.broken) from exc
-        for i in bad:
-            item = flight.items[i]
-            reason = f"DALI's decoder fails on it ({message}; its header was readable, its data is not)"
-            self.bad[(item.shard, item.key)] = reason
-            flight.got[i] = Fault(item.shard, item.key, reason)
+        reason = f"DALI's decoder fails on it ({message}; its header was readable, its data is not)"
         if bad and self.on_error == "raise":
-            first = flight.got[bad[0]]
-            assert isinstance(first, Fault)
-            self.broken = first.describe()
+            item = flight.items[bad[0]]
+            self.broken = Fault(item.shard, item.key, reason).describe()
             raise LoaderError(f"{self.broken}; pass on_error='skip' to skip and count such samples") from exc
-        if bad:
-            self.substitute(flight)  # raises when nothing good is left
+        if bad:  # a bad sample may stand in for an earlier fault too: `mark` finds where it was read
+            self.mark(flight, dict.fromkeys(bad, reason))
 
     def close(self) -> None:
         self._probe = None

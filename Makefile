@@ -35,3 +35,9 @@ fuzz: $(STAMP)
 
 clean:
 	rm -rf $(VENV) demo-data runs
+
+# docker/Dockerfile built with buildah on a Debian base, then pipeline --version, build-shards,
+# verify-shards and the CPU demo inside it (docker/check-image.sh, as root): too long for `make test`.
+.PHONY: image-check
+image-check:
+	docker/check-image.sh

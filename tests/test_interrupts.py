@@ -124,7 +124,6 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_on_fe
                              env=env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode != 0 and "exitcode  : 143" in out, out[-3000:]
-    assert "SIGTERM: stopping after this step, with a checkpoint" in out
     assert (f"interrupted at step {SIGNAL_AT_STEP}; continue with: the same torchrun command with --resume"
             in stopped.stderr), out[-3000:]
     assert out.count("Traceback") == 1 and "ChildFailedError" in out  # the agent's own report of exit 143, no worker's

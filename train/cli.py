@@ -8,6 +8,7 @@ command that continues the run).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from stagewise.pipeline.errors import debug_enabled, report
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None, args: argparse.Namespace | None = None) 
         cfg = config.from_args(args) if args is not None else config.parse(argv)
         train(cfg)
     except (ConfigError, FileNotFoundError) as exc:  # preflight's problems too: one line each
+        if os.environ.get("RANK", "0") != "0" and not debug:
+            return 2  # under torchrun every rank finds the same mistake: rank 0 says it
         return report("train", exc, (ConfigError, FileNotFoundError), debug)
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)

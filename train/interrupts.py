@@ -90,8 +90,9 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.requested is None:
             self.requested = signum
-            again = "" if under_torchrun() else "; Ctrl-C again exits at once, without one"
-            _say(f"{name}: stopping after this step, with a checkpoint{again}")
+            again = "; Ctrl-C again exits at once, without one" if signum == signal.SIGINT and not under_torchrun() else ""
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets it: rank 0 says it
+                _say(f"{name}: stopping after this step, with a checkpoint{again}")
         elif not under_torchrun() and signum == signal.SIGINT:
             _say(f"{name} again: exiting now, without a checkpoint")
             os._exit(128 + signum)  # noqa: SLF001 - "at once": no cleanup may block (loader threads, collectives)

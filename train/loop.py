@@ -32,7 +32,7 @@ from stagewise.train.schedule import StagePlan, count
 from stagewise.train.telemetry import Meter, Telemetry
 
 # Keys that may change between a run and its resume: where and how much it logs, not what it computes.
-RESUME_FREE = ("run.resume", "run.progress", "run.log_every", "run.ckpt_every", "run.ckpt_every_s", "run.dir",
+RESUME_FREE = ("run.resume", "run.overwrite", "run.progress", "run.log_every", "run.ckpt_every", "run.ckpt_every_s", "run.dir",
                "run.ckpt_dir", "run.plots", "run.tensorboard", "run.sample_log", "run.dist_timeout_s", "run.eval_points",
                "data.num_threads", "data.url")
 
@@ -286,7 +286,7 @@ def end_stage(run: Run, sp: StagePlan) -> dict:
         tel.log("stage", run.step, result)
     tel.print(f"stage {sp.stage + 1}/{sp.n_stages} done: {seconds:.0f} s, {img_s:.0f} img/s, data wait {wait:.0f}%"
               + (f"; val top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}% "
-                 f"({'EMA' if run.ema else 'weights'}, {run.eval_size} px, {result['images']} images)"
+                 f"({'EMA' if run.ema else 'weights'}, {run.eval_size} px, {count(result['images'], 'image')})"
                  if "top1" in result else ""))
     save_checkpoint(run, stage_end=sp.stage + 1)
     run.seconds_before += seconds
@@ -367,7 +367,7 @@ def finish(run: Run, result: dict) -> dict:
         raise RuntimeError(f"replicas disagree after training: {prints}")
     run.tel.log("done", run.step, {"train_seconds": round(run.train_seconds, 2), "fingerprints": prints, **result})
     ckpt_dir = run.cfg.run.ckpt_dir or run.cfg.run.dir
-    run.tel.print(f"done: {run.step} steps in {time.time() - run.started:.0f} s; checkpoints in {ckpt_dir}"
+    run.tel.print(f"done: {count(run.step, 'step')} in {time.time() - run.started:.0f} s; checkpoints in {ckpt_dir}"
                   + (f"; {run.d.world_size} replicas agree ({prints[0][:12]})" if run.d.enabled else ""))
     if run.cfg.run.plots:
         run.tel.plots()
@@ -413,7 +413,7 @@ def _resume(run: Run, ck: dict) -> None:
         torch.manual_seed(run.cfg.run.seed + 7919 * run.d.rank + 104_729 * run.step)
     run.tel.print(f"resumed from {config.redact_text(run.latest)}: step {run.step}, epoch {run.epoch}, "
                   f"batch {run.batch_in_epoch}"
-                  + (f"; on {run.d.world_size} process{'es' * (run.d.world_size != 1)} instead of {saved_world}: "
+                  + (f"; on {count(run.d.world_size, 'process')} instead of {saved_world}: "
                      f"the same samples per global step, new dropout masks" if saved_world != run.d.world_size
                      else ""))
 

@@ -246,8 +246,12 @@ def _stages(cfg: Config, split: SplitView, preset: Preset, world: int,
     epochs, max_steps = cfg.schedule.epochs, cfg.schedule.max_steps
     if max_steps:  # step-counted recipes (transfer: 10,000 steps): enough epochs to hold them
         epochs = math.ceil(max_steps / max(1, n // batch))
+    if cfg.schedule.stages > epochs and cfg.schedule.kind != "random-resize":  # a stage spans whole epochs
+        notes.append(f"note: schedule.stages={cfg.schedule.stages} over {count(epochs, 'epoch')}: "
+                     f"{count(epochs, 'stage')}, one an epoch")
+        cfg.schedule.stages = epochs  # the value used is the one printed and saved
     try:
-        stages = plan(preset, epochs=epochs, n_stages=min(cfg.schedule.stages, epochs), schedule=cfg.schedule.kind,
+        stages = plan(preset, epochs=epochs, n_stages=cfg.schedule.stages, schedule=cfg.schedule.kind,
                       num_images=n, batch_size=batch, adaptive=cfg.schedule.adaptive, seed=cfg.run.seed,
                       chunk_epochs=cfg.schedule.chunk_epochs, per_stage_batch=cfg.schedule.per_stage_batch,
                       batch_multiple=world)

@@ -15,16 +15,17 @@ import json
 from dataclasses import replace
 
 from stagewise.pipeline.errors import report
-from stagewise.model.variants import get_variant
+from stagewise.model.variants import get_variant, list_models
 from stagewise.shards import open_split
 from stagewise.train.data import PAPER_BATCH, auto_batch, capped_sizes, typical_side
-from stagewise.train.schedule import PRESETS, SCHEDULES, count, get_preset, plan
+from stagewise.train.schedule import SCHEDULES, count, plan, preset_for
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC2012 train split
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="paper Table 6 row")
+    parser.add_argument("--preset", default="efficientnetv2_s", choices=list_models(),
+                        help="a model whose row gives the stages (Table 6's for s/m/l); default efficientnetv2_s")
     parser.add_argument("--stages", type=int, default=4, help="stages M (paper: 4)")
     parser.add_argument("--epochs", type=int, default=350, help="total epochs (paper: 350)")
     parser.add_argument("--schedule", default="paper", choices=SCHEDULES, help="paper | automl | random-resize")
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         view = open_split(args.data, args.split) if args.data else None
         num_images = args.num_images or (view.num_samples if view else IMAGENET_TRAIN_IMAGES)
         batch = args.batch_size or (auto_batch(num_images) if view else PAPER_BATCH)
-        preset = get_preset(args.preset)
+        preset = preset_for(get_variant(args.preset))  # as the trainer derives it (Table 6's rows for s/m/l)
         sizes = capped_sizes(preset, typical_side(view), get_variant(args.preset).stride) if view else None  # as train
         if sizes:
             preset = replace(preset, min_size=sizes[0], max_size=sizes[1])

@@ -62,12 +62,20 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: str = _f("paper", "paper (Algorithm 1) | automl (official code) | random-resize (Mix&Match, Table 13)")
+    kind: str = _f("paper", "paper (Algorithm 1) | automl (official code) | random-resize (Mix&Match, Table 13) | "
+                            "ffcv (late linear size ramp) | composer (progressive resizing); the last two keep "
+                            "regularization constant")
     preset: str = _f("", "Table 6 preset; '' = the model's name when it is one, else built from its variant row")
     stages: int = _f(4, "progressive stages M (paper: 4); 1 = train at the final values throughout")
     epochs: int = _f(350, "training epochs (paper §5.1: 350)")
     max_steps: int = _f(0, "> 0: stop after this many optimizer steps; epochs then follow from it")
+    time_budget: str = _f("", "wall-clock budget such as 2h, 45m, 1h30m: the epochs are chosen so that the run, "
+                              "evaluation included, ends within it (overrides epochs); '' = off")
     chunk_epochs: int = _f(8, "random-resize: epochs per sampled size (paper §6.3: 8)")
+    ramp_start: float = _f(-1.0, "ffcv: share of the run at which the size ramp starts; < 0 = FFCV's rn50 configs'")
+    ramp_end: float = _f(-1.0, "ffcv: share of the run at which the size ramp ends; < 0 = FFCV's rn50 configs'")
+    delay_fraction: float = _f(0.5, "composer: share of the run at the initial scale (min_size/max_size)")
+    finetune_fraction: float = _f(0.2, "composer: share of the run, at its end, at the full size")
     adaptive: bool = _f(True, "regularization follows the size; false = fixed at the max values (Table 13 vanilla)")
     per_stage_batch: bool = _f(False, "batch ~ (Se/Si)^2 per stage, LR scaled linearly (about constant memory)")
     min_size: int = _f(0, "first-stage image size, px; 0 = the preset's")

@@ -41,7 +41,7 @@ def test_torchrun_two_gloo_processes_agree(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "2 processes on cpu, global batch 8" in done.stdout
+    assert "2 processes on cpu, 1 torch thread each, global batch 8" in done.stdout
     assert "2 replicas agree" in done.stdout
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     train_steps = [r for r in records if r["kind"] == "train"]

@@ -213,3 +213,19 @@ def test_finetune_replaces_only_the_head():
     assert other.conv1.weight.any()
     with pytest.raises(ValueError, match="src.pt does not fit this model"):
         load_backbone(other, src.state_dict(), "src.pt")
+
+
+@pytest.mark.parametrize("requested, device, cores, local_world, expected", [
+    (3, "cpu", 16, 1, 3),  # an explicit value wins
+    (0, "cpu", 2, 1, 1),  # 2 cores: one for torch, one for the loader
+    (0, "cpu", 16, 1, 8),
+    (0, "cpu", 16, 4, 2),  # torchrun --nproc-per-node 4 shares the node
+    (0, "cpu", 2, 4, 1),  # never 0
+    (0, "cuda", 16, 1, 0),  # 0 keeps torch's default on a GPU run
+])
+def test_auto_torch_threads(monkeypatch, requested, device, cores, local_world, expected):
+    from stagewise.train import distributed
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert distributed.torch_threads(requested, torch.device(device)) == expected

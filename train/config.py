@@ -117,7 +117,8 @@ class RunConfig:
     ckpt_dir: str = _f("", "checkpoint folder (local or s3://); '' = run.dir")
     seed: int = _f(0, "seed of model init, dropout and the loader's order")
     device: str = _f("auto", "auto (cuda when available) | cuda | cpu")
-    threads: int = _f(0, "torch CPU threads per process; 0 = torch's default")
+    threads: int = _f(0, "torch CPU threads per process; 0 = auto: on CPU half the cores, shared by the node's "
+                          "processes (the loader takes the rest); on GPU torch's default")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
     ckpt_every: int = _f(1000, "checkpoint every N optimizer steps (and at every stage end); 0 = stage ends only")
     ckpt_every_s: float = _f(1800.0, "also checkpoint when this many seconds passed since the last one (bounds the "

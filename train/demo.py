@@ -55,23 +55,11 @@ def write_digits_tree(root: str, seed: int = 0) -> tuple[int, int]:
     return counts["train"], counts["val"]
 
 
-def torch_threads() -> int:
-    """Half the cores for torch, half for the loader's DALI pipelines: 1 on a 2-core machine.
-
-    Measured on 2 shared cores: one torch thread ran b0 steps steadily at about
-    0.2 s (32 px, batch 32); two threads were up to 2x faster on an idle machine
-    but 5-100x slower whenever another process took a core (the OpenMP team
-    waits for its descheduled thread).
-    """
-    return max(1, len(os.sched_getaffinity(0)) // 2)
-
-
 def demo_args(shards: str, run_dir: str) -> list[str]:
     """The command line of the demo run (`python -m stagewise.train` accepts the same)."""
     return [
         "--data", shards, "--run-dir", run_dir, "--model", "efficientnetv2_b0",
         "--run.device=cpu", "--data.device=cpu", "--run.ckpt_every=0", "--run.log_every=10",
-        f"--run.threads={torch_threads()}",
         "--run.eval=end",  # a 48-px stage tested at 64 px says little; the final stage trains at 64
         f"--schedule.epochs={EPOCHS}", f"--schedule.stages={STAGES}",
         "--schedule.min_size=48", "--schedule.max_size=64",  # px; at 32 the deepest maps are 1x1 (docs/training.md)

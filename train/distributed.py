@@ -64,6 +64,20 @@ def setup(device: str, timeout_s: int) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def torch_threads(requested: int, device: torch.device) -> int:
+    """torch's CPU threads per process: `requested` when > 0; on CPU, auto (0) is half the cores this process may
+    use, shared by the processes on this node (LOCAL_WORLD_SIZE), at least 1: the loader's threads take the rest;
+    on CUDA, 0 keeps torch's default (the host only launches kernels).
+
+    Measured on 2 shared cores: one torch thread ran B0 steps steadily at about 0.2 s (32 px, batch 32); torch's
+    default of 2 threads was up to 2x faster on an idle machine but 5-100x slower whenever another process took a
+    core (the OpenMP team waits for its descheduled thread; docs/training.md)."""
+    if requested > 0 or device.type != "cpu":
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2 // max(1, _env_int("LOCAL_WORLD_SIZE", 1)))
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -106,8 +106,8 @@ def train(cfg: Config, print_config: bool = True) -> dict:
     signals = interrupts.StopSignals().install()  # Ctrl-C / SIGTERM: a checkpoint at the next step, then exit
     run = None
     try:
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        if n := distributed.torch_threads(cfg.run.threads, d.device):
+            torch.set_num_threads(n)
         run = setup(checked, d, tel, print_config)
         run.signals = signals
         result: dict = {}
@@ -141,9 +141,10 @@ def setup(checked: preflight.Plan, d: distributed.Dist, tel: Telemetry, print_co
     split, variant, preset, batch, stages = checked.split, checked.variant, checked.preset, checked.batch, checked.stages
     epochs, max_steps = checked.epochs, checked.max_steps
     total_steps = max_steps or sum(sp.steps for sp in stages)
+    threads = f"{count(torch.get_num_threads(), 'torch thread')} each, " if d.device.type == "cpu" else ""
     tel.print(f"data: {count(split.num_samples, cfg.data.train_split + ' image')}, "
               f"{count(split.num_classes, 'class')}{' (multi-label)' if split.info.multi_label else ''}; "
-              f"{count(d.world_size, 'process')} on {d.device}, global batch {batch}; "
+              f"{count(d.world_size, 'process')} on {d.device}, {threads}global batch {batch}; "
               f"{count(len(stages), 'stage')} over {count(epochs, 'epoch')} ({cfg.schedule.kind})")
     for line in checked.notes:
         tel.print(line)

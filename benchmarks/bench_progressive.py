@@ -11,7 +11,12 @@ same epochs with the same recipe, once per `--seeds` value:
 - vanilla:   sizes ramp, regularization at its final values (Table 13 "vanilla");
 - adaptive:  Algorithm 1, sizes and regularization ramp together (the default);
 - random-resize, automl (only when asked): Mix&Match with adaptive
-  regularization (Table 13), and the official code's stage sizes.
+  regularization (Table 13), and the official code's stage sizes;
+- ffcv, composer (only when asked): the peer schedules a user picks today for
+  a faster ImageNet run (issue 21), regularization constant at its final
+  values: FFCV's late linear size ramp and Composer's progressive resizing
+  (train/schedule.py gives their rules and sources). Both run between the
+  same --min-size and --max-size: Composer's start scale is min/max.
 
 Each run evaluates its EMA weights at the eval size at every stage end and at
 `--eval-points` evenly spaced steps (the trainer's `run.eval_points`), and
@@ -20,7 +25,19 @@ each point. The table gives final top-1 (mean ± sd over seeds), training time,
 and time to target: the training time at which a setting's mean curve first
 reaches the fixed setting's final mean top-1, in seconds and as a ratio to
 fixed's total; plus the measured training cost per image at the smallest and
-largest size, so that a reader sees whether the sizes were compute-bound.
+largest size, so that a reader sees whether the sizes were compute-bound. When
+ffcv or composer ran, one more line: adaptive's training time to the best peer
+schedule's final mean top-1, as a ratio to that schedule's training time
+(issue 21's goal: at most 0.8x, and a final top-1 no lower).
+
+`--model torchvision:NAME` (a ResNet: the paper's Table 12) trains with SGD and
+Nesterov momentum (the trainer's optimizer for ResNets, docs/training.md), LR
+0.1 per 256 images (Goyal et al. 2017) and weight decay 5e-5 (FFCV's rn18
+configs); torchvision models take no dropout or stochastic depth (the trainer
+pushes them only to models with set_dropout), so the EfficientNet-only flags
+are not passed and "adaptive" ramps RandAugment and mixup only, as the header
+and the table say. `--time-budget 20m` gives every setting the same wall-clock
+budget instead of the same epochs (the trainer's schedule.time_budget).
 `--json` keeps all of it and every curve; a PNG plots top-1 against training
 time, one mean line and a min-max band over seeds per setting.
 
@@ -48,7 +65,16 @@ SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adaptive": ("progressive, adaptive", ()),
     "random-resize": ("random resize, adaptive", ("--schedule.kind=random-resize", "--schedule.chunk_epochs={chunk}")),
     "automl": ("progressive, official code", ("--schedule.kind=automl",)),
+    "ffcv": ("FFCV late size ramp", ("--schedule.kind=ffcv",)),  # regularization constant: the final values
+    "composer": ("Composer progressive resizing", ("--schedule.kind=composer",)),
 }
+PEERS = ("ffcv", "composer")  # the schedules adaptive is held against (issue 21)
+PEER_GOAL = 0.8  # issue 21: adaptive reaches the best peer's final top-1 in <= 0.8x that peer's training time
+TORCHVISION = "torchvision:"
+# ResNets (torchvision): the trainer's SGD + Nesterov (docs/training.md), LR 0.1 per 256 images (Goyal et al.
+# 2017: 1.6 per 4096), weight decay 5e-5 (FFCV's rn18 configs; rn50's: 1e-4).
+RESNET_RECIPE = ("--optim.optimizer=momentum", "--optim.lr=1.6", "--optim.weight_decay=5e-5")
+
 DEFAULT_SETTINGS = ("fixed", "small", "vanilla", "adaptive")
 
 # Per device: model, sizes (px), epochs, batch, stages. CPU: 2 cores, one torch thread (docs/training.md).
@@ -79,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "cpu 149, cuda 384)")
     p.add_argument("--eval-crop", type=float, help="test center-crop fraction (default: the model's)")
     p.add_argument("--epochs", type=int, help="epochs of every run (cpu 12, cuda 16)")
+    p.add_argument("--time-budget", metavar="DURATION", default="",
+                   help="every setting gets this wall-clock budget (e.g. 20m, 1h30m) instead of --epochs: the "
+                        "trainer's schedule.time_budget")
     p.add_argument("--batch", type=int, help="global batch (cpu 32, cuda 128)")
     p.add_argument("--stages", type=int, help="progressive stages (4)")
     p.add_argument("--threads", type=int, help="torch CPU threads (cpu 1: DALI gets the other core; cuda 0 = all)")
@@ -105,19 +134,26 @@ def base_args(a: argparse.Namespace, d: dict) -> list[str]:
         # A train record (it names the stage's image size) at least once per epoch, for the cost per size.
         f"--run.log_every={max(1, min(20, getattr(a, 'train_samples', 0) // d['batch']))}",
     ]
+    resnet = d["model"].startswith(TORCHVISION)
     if a.device == "cpu":
         args += [
             # Short runs (hundreds of steps), as the demo: see docs/training.md for the evidence behind each.
             "--optim.lr=0.064", "--optim.warmup_epochs=1", "--optim.lr_decay=cosine",
             "--model.bn_momentum=0.1", "--model.zero_head=true", "--model.channels_last=false",
-            "--model.drop_path_rate=0.1", "--data.crop_scale=0.35,1",
+            "--data.crop_scale=0.35,1",
             # Table 6's EfficientNetV2-S regularization range (B0's own row has no RandAugment).
             "--schedule.min_randaug=5", "--schedule.max_randaug=15", "--schedule.min_mixup=0",
-            "--schedule.max_mixup=0", "--schedule.min_dropout=0.1", "--schedule.max_dropout=0.3",
+            "--schedule.max_mixup=0",
         ]
+        if not resnet:  # a torchvision model takes neither (models.supports_dropout): not passed, not claimed
+            args += ["--model.drop_path_rate=0.1", "--schedule.min_dropout=0.1", "--schedule.max_dropout=0.3"]
     else:
         args += ["--optim.warmup_epochs=1", "--optim.lr_decay=cosine", "--model.zero_head=true",
                  "--data.crop_scale=0.35,1"]
+    if resnet:
+        args += RESNET_RECIPE  # after the CPU recipe's LR: the later flag wins
+    if a.time_budget:
+        args.append(f"--schedule.time_budget={a.time_budget}")
     if a.max_steps:
         args.append(f"--schedule.max_steps={a.max_steps}")
     for item in a.set:
@@ -264,10 +300,11 @@ def summarize(runs: dict[str, list[dict]], labels: dict[str, str]) -> dict:
         s["time_to_target_s"] = s["time_to_target_ratio"] = None
         if target is None:
             continue
-        hit = next((p for p in s["curve"] if p["top1"] >= target - 1e-9), None)
+        hit = time_to(s["curve"], target)
         if hit is not None:
-            s["time_to_target_s"] = hit["train_seconds"]
-            s["time_to_target_ratio"] = hit["train_seconds"] / fixed["train_seconds_mean"]
+            s["time_to_target_s"] = hit
+            s["time_to_target_ratio"] = hit / fixed["train_seconds_mean"]
+    out["adaptive_vs_peer"] = against_best_peer(out["settings"])
     costs = cost_by_size([r for rs in runs.values() for r in rs])
     out["cost_by_size"] = {str(k): v for k, v in costs.items()}
     if costs:
@@ -277,6 +314,28 @@ def summarize(runs: dict[str, list[dict]], labels: dict[str, str]) -> dict:
     else:
         out["cost_ms_per_img"] = None
     return out
+
+
+def time_to(curve: list[dict], top1: float) -> float | None:
+    """Training seconds at which a mean curve first reaches `top1` (at an evaluation point); None if never."""
+    hit = next((p for p in curve if p["top1"] >= top1 - 1e-9), None)
+    return None if hit is None else hit["train_seconds"]
+
+
+def against_best_peer(settings: dict) -> dict | None:
+    """Issue 21's question: adaptive's time to the best peer schedule's final mean top-1, against that peer's
+    training time; None unless adaptive and a peer ran."""
+    peers = [n for n in PEERS if n in settings]
+    if "adaptive" not in settings or not peers:
+        return None
+    best = max(peers, key=lambda n: settings[n]["final_top1_mean"])
+    peer, ad = settings[best], settings["adaptive"]
+    hit = time_to(ad["curve"], peer["final_top1_mean"])
+    ratio = None if hit is None else hit / peer["train_seconds_mean"]
+    return {"peer": best, "peer_top1": peer["final_top1_mean"], "peer_train_seconds": peer["train_seconds_mean"],
+            "adaptive_top1": ad["final_top1_mean"], "time_s": hit, "ratio": ratio, "goal_ratio": PEER_GOAL,
+            "goal_met": ratio is not None and ratio <= PEER_GOAL
+            and ad["final_top1_mean"] >= peer["final_top1_mean"] - 1e-9}
 
 
 def format_table(summary: dict) -> str:
@@ -296,6 +355,16 @@ def format_table(summary: dict) -> str:
         lines.append(f"target: fixed's final mean top-1 {summary['target_top1']:.1f}%; time to target = training "
                      f"time (evaluation excluded) at which the setting's mean curve first reaches it; ratio to "
                      f"fixed's total training time")
+    v = summary.get("adaptive_vs_peer")
+    if v:
+        reached = (f"reaches it at {v['time_s']:.0f} s, {v['ratio']:.2f}x {v['peer']}'s {v['peer_train_seconds']:.0f} s"
+                   if v["time_s"] is not None else "does not reach it")
+        lines.append(f"adaptive vs the best peer schedule ({v['peer']}, final mean top-1 {v['peer_top1']:.1f}%): "
+                     f"adaptive {reached} of training; final {v['adaptive_top1']:.1f}% "
+                     f"({v['adaptive_top1'] - v['peer_top1']:+.1f}); goal <= {v['goal_ratio']:.2f}x and no lower: "
+                     f"{'met' if v['goal_met'] else 'not met'}")
+    if summary.get("regularization"):
+        lines.append(summary["regularization"])
     c = summary["cost_ms_per_img"]
     if c:
         lines.append(f"training cost: {c['smallest']['ms']:.1f} ms/img at {c['smallest']['size']} px, "
@@ -303,6 +372,21 @@ def format_table(summary: dict) -> str:
                      f"({c['largest']['ms'] / c['smallest']['ms']:.2f}x for "
                      f"{(c['largest']['size'] / c['smallest']['size']) ** 2:.2f}x the pixels)")
     return "\n".join(lines)
+
+
+def regularization_note(cfg) -> str:
+    """What adaptive ramps for this model, from the run's own preset; a torchvision model takes no dropout."""
+    from stagewise.train import models
+    from stagewise.train.schedule import preset_from_config
+
+    name = cfg.model.name
+    p = preset_from_config(cfg.schedule, name, models.variant_of(name))
+    ramps = f"RandAugment {p.min_randaug:g} -> {p.max_randaug:g}, mixup {p.min_mixup:g} -> {p.max_mixup:g}"
+    if name.startswith(TORCHVISION):
+        return (f"regularization: {name} takes no dropout or stochastic depth (torchvision models have no "
+                f"set_dropout), so adaptive ramps {ramps} only; the other settings hold the final values")
+    return (f"regularization: adaptive ramps {ramps}, dropout {p.min_dropout:g} -> {p.max_dropout:g}; the other "
+            f"settings hold the final values")
 
 
 def plot(summary: dict, path: str) -> None:
@@ -356,10 +440,12 @@ def run(args: argparse.Namespace) -> int:
 
     info = machine()
     shared = base_args(args, d)
+    length = f"a time budget of {args.time_budget} each" if args.time_budget else f"{d['epochs']} epochs"
+    note = regularization_note(next(iter(cfgs.values())))
     print(f"bench-progressive: {', '.join(args.settings)} x seeds {' '.join(map(str, args.seeds))}; {d['model']} "
           f"{d['min_size']}->{d['max_size']} px (eval {d['eval_size']}, crop {d['eval_crop']:.3f}), "
-          f"{d['epochs']} epochs, batch {d['batch']}, "
-          f"{d['stages']} stages, on {args.device}; load {info['load_before'][0]:.2f}", flush=True)
+          f"{length}, batch {d['batch']}, "
+          f"{d['stages']} stages, on {args.device}; load {info['load_before'][0]:.2f}\n{note}", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in args.settings}
     for seed in args.seeds:  # seeds outermost: a partial benchmark still compares every setting
         for name in args.settings:
@@ -382,11 +468,12 @@ def run(args: argparse.Namespace) -> int:
                   f"training ({wall:.0f} s with evaluation), {result['steps']} steps; load {os.getloadavg()[0]:.2f}",
                   flush=True)
     summary = summarize(runs, {n: SETTINGS[n][0] for n in args.settings})
+    summary["regularization"] = note
     info["load_after"] = os.getloadavg()
     summary.update({"machine": info, "config": {**d, "device": args.device, "dest": args.dest,
                                                   "settings": args.settings, "seeds": args.seeds,
                                                   "eval_points": args.eval_points, "set": args.set,
-                                                  "max_steps": args.max_steps},
+                                                  "max_steps": args.max_steps, "time_budget": args.time_budget},
                     "trainer_args": {n: shared + setting_args(n, d) for n in args.settings}})
     print()
     print(format_table(summary))

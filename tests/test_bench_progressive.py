@@ -111,3 +111,69 @@ def test_time_to_target_reads_the_mean_curve():
     assert s["settings"]["fixed"]["time_to_target_s"] == 21
     assert s["settings"]["small"]["time_to_target_s"] is None
     assert "not reached" in bench_progressive.format_table(s)
+
+
+def test_peer_schedules_run_beside_adaptive_and_the_table_answers_issue_21(tiny, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = cli(["bench-progressive", str(tiny / "ds"), "--settings", "adaptive", "ffcv", "composer", "--seeds", "0",
+              *SMALL, "--epochs", "4", "--max-steps", "16", "--eval-points", "4", "--run-dir", str(tmp_path / "runs"),
+              "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result["settings"]) == {"adaptive", "ffcv", "composer"}
+    assert "--schedule.kind=ffcv" in result["trainer_args"]["ffcv"]
+    assert "--schedule.kind=composer" in result["trainer_args"]["composer"]
+    # 4 epochs of 4 steps, 32 -> 64 px. ffcv: start 2, end 2.5: epochs 0-2 at 32, epoch 3 at 64.
+    # composer: t = .125, .375 -> 32; .625 -> ramp .4167, scale .7083, 45.3 -> 44; .875 -> 64.
+    for name, sizes in (("ffcv", {1: 32, 2: 64}), ("composer", {1: 32, 2: 44, 3: 64})):
+        (run,) = result["settings"][name]["runs"]
+        assert run["steps"] == 16 and {int(k): v for k, v in run["stage_sizes"].items()} == sizes, name
+    v = result["adaptive_vs_peer"]
+    best = max(("ffcv", "composer"), key=lambda n: result["settings"][n]["final_top1_mean"])
+    assert v["peer"] == best and v["peer_top1"] == result["settings"][best]["final_top1_mean"]
+    assert f"adaptive vs the best peer schedule ({best}, final mean top-1 {v['peer_top1']:.1f}%)" in printed
+    assert "regularization: adaptive ramps RandAugment 5 -> 15, mixup 0 -> 0, dropout 0.1 -> 0.3" in printed
+
+
+def test_adaptive_against_the_best_peer_reads_the_mean_curves():
+    def run(points):
+        return {"seed": 0, "top1": points[-1][1], "train_seconds": points[-1][0], "wall_seconds": 0.0,
+                "evals": [{"step": i + 1, "stage": 1, "train_seconds": t, "images_seen": i + 1, "top1": a}
+                          for i, (t, a) in enumerate(points)], "stage_sizes": {1: 64}}
+    runs = {"adaptive": [run([(10, 30), (20, 45), (30, 60)])], "ffcv": [run([(20, 40), (40, 50)])],
+            "composer": [run([(25, 44), (50, 45)])]}
+    v = bench_progressive.summarize(runs, {k: k for k in runs})["adaptive_vs_peer"]
+    assert (v["peer"], v["peer_top1"], v["time_s"]) == ("ffcv", 50, 30)  # the best peer's final, first reached
+    assert v["ratio"] == pytest.approx(30 / 40) and v["goal_met"]  # 0.75x <= 0.8x and 60 >= 50
+    runs["adaptive"] = [run([(10, 30), (35, 50), (40, 52)])]
+    v = bench_progressive.summarize(runs, {k: k for k in runs})["adaptive_vs_peer"]
+    assert v["ratio"] == pytest.approx(35 / 40) and not v["goal_met"]  # 0.875x: too slow
+    runs["adaptive"] = [run([(10, 30), (30, 49)])]
+    s = bench_progressive.summarize(runs, {k: k for k in runs})
+    assert s["adaptive_vs_peer"]["time_s"] is None and not s["adaptive_vs_peer"]["goal_met"]
+    assert "adaptive does not reach it" in bench_progressive.format_table(s)
+    del runs["ffcv"], runs["composer"]
+    assert bench_progressive.summarize(runs, {k: k for k in runs})["adaptive_vs_peer"] is None
+
+
+def test_a_resnet_runs_every_setting_with_sgd_and_says_it_takes_no_dropout(tiny, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    settings = ["fixed", "small", "vanilla", "adaptive", "random-resize", "automl", "ffcv", "composer"]
+    rc = cli(["bench-progressive", str(tiny / "ds"), "--model", "torchvision:resnet18", "--settings", *settings,
+              *SMALL, "--max-steps", "8", "--eval-points", "1", "--run-dir", str(tmp_path / "runs"),
+              "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert set(result["settings"]) == set(settings)
+    assert all(s["runs"][0]["steps"] == 8 for s in result["settings"].values())
+    note = ("regularization: torchvision:resnet18 takes no dropout or stochastic depth (torchvision models have no "
+            "set_dropout), so adaptive ramps RandAugment 5 -> 15, mixup 0 -> 0 only")
+    assert printed.count(note) == 2  # in the header and under the table
+    args = result["trainer_args"]["adaptive"]
+    assert set(bench_progressive.RESNET_RECIPE) <= set(args)
+    assert args.index("--optim.lr=1.6") > args.index("--optim.lr=0.064")  # the later flag wins
+    assert not [a for a in args if "dropout" in a or "drop_path" in a]
+    cfg_text = (tmp_path / "runs" / "adaptive-seed0" / "config.yaml").read_text()
+    assert "optimizer: momentum" in cfg_text and "lr: 1.6" in cfg_text

@@ -1,4 +1,5 @@
-"""The progressive schedule vs the paper's Algorithm 1 and Table 6; automl, random-resize; `pipeline schedule`."""
+"""The progressive schedule vs the paper's Algorithm 1 and Table 6; automl, random-resize; the peer schedules
+ffcv and composer (issue 21); `pipeline schedule`."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ import pytest
 from stagewise.loaders import StageParams
 from stagewise.pipeline.cli import main as pipeline_main
 from stagewise.model import get_variant, list_models
-from stagewise.train.schedule import PRESETS, Preset, get_preset, plan, preset_for, stage_values
+from stagewise.train import config
+from stagewise.train.schedule import (PRESETS, PeerRule, Preset, check_config, get_preset, peer_size, plan, preset_for,
+                                      stage_values)
 
 # Paper Table 6, typed in again here so that the test does not read the values it checks.
 TABLE_6 = {
@@ -155,3 +158,106 @@ def test_pipeline_schedule_table(capsys):
     assert "efficientnetv2_s, paper schedule, 4 stages, 350 epochs" in out
     lines = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in "1234"]
     assert [int(x[1]) for x in lines] == [128, 184, 240, 300]
+
+
+# --- The peer schedules (issue 21): sizes per epoch worked out by hand from the sources' rules -------------
+
+def _sizes(schedule, epochs, lo, hi, rule=None):
+    p = Preset("t", lo, hi, 5, 15, 0, 0.2, 0.1, 0.3)
+    return [peer_size(e, epochs, p, schedule, rule or PeerRule()) for e in range(epochs)]
+
+
+@pytest.mark.parametrize("epochs, lo, hi, rule, expected", [
+    # FFCV's own configs (rn18/rn50_16_epochs.yaml: start_ramp 11, end_ramp 13): epoch 12 interpolates to 176,
+    # 176/32 = 5.5 rounds to even (6): 192, so 176 is never trained.
+    (16, 160, 192, None, [160] * 12 + [192] * 4),
+    # rn*_88_epochs.yaml (65, 76): 160 + 32 (e - 65)/11 reaches 5.5 * 32 between e = 70 and 71.
+    (88, 160, 192, None, [160] * 71 + [192] * 17),
+    # The CPU bench: 12 epochs -> start 8, end 9.5; epoch 9: 64 + 64/1.5 = 106.7 -> 96.
+    (12, 64, 128, None, [64] * 9 + [96] + [128] * 2),
+    (16, 128, 300, None, [128] * 12 + [224] + [300] * 3),  # epoch 12: 214 -> 6.69 * 32 -> 224
+    (8, 128, 300, None, [128] * 6 + [300] * 2),  # start 5, end 6: no epoch strictly between
+    (1, 64, 128, None, [128]),  # start -0.25, end -0.125: epoch 0 is past the ramp
+    # Given shares: 10 epochs, ramp over epochs 2..6: 96, 128, 160 between.
+    (10, 64, 192, PeerRule(ramp_start=0.2, ramp_end=0.6), [64, 64, 64, 96, 128, 160, 192, 192, 192, 192]),
+    # ramp_end = 1 ends after the last epoch (FFCV's rule: epoch >= end_ramp), and 102.5..107.5 round to 96,
+    # clamped up to S0 (our deviation): the run never leaves 100.
+    (4, 100, 110, PeerRule(ramp_start=0, ramp_end=1), [100, 100, 100, 100]),
+    (4, 100, 140, PeerRule(ramp_start=0, ramp_end=0.75), [100, 128, 128, 140]),  # 113.3, 126.7 -> 128
+])
+def test_ffcv_sizes(epochs, lo, hi, rule, expected):
+    assert _sizes("ffcv", epochs, lo, hi, rule) == expected
+
+
+@pytest.mark.parametrize("epochs, lo, hi, rule, expected", [
+    # Defaults (delay 0.5, finetune 0.2), t = (e + 0.5)/E: 10 epochs, e5: t .55, ramp 1/6, scale .5833,
+    # 74.7 -> 76; e6: .75 -> 96; e7: .9167 -> 117.3 -> 116; e8 (t .85) is past the ramp.
+    (10, 64, 128, None, [64] * 5 + [76, 96, 116, 128, 128]),
+    # 12 epochs: e6 t .5417 -> 72.9 -> 72; e7 .625 -> 90.7 -> 92; e8 .7083 -> 108.4 -> 108; e9 126.2 -> 128.
+    (12, 64, 128, None, [64] * 6 + [72, 92, 108, 128, 128, 128]),
+    (4, 64, 128, None, [64, 64, 92, 128]),  # e2: t .625, ramp .4167, 90.7 -> 92
+    (1, 64, 128, None, [64]),  # t = .5 is the ramp's start: the initial scale
+    (10, 150, 300, None, [150] * 5 + [176, 224, 276, 300, 300]),  # initial scale .5 = 150/300
+    # delay + finetune = 1: a step at the delay (Composer would divide by zero).
+    (10, 64, 128, PeerRule(delay_fraction=0.6, finetune_fraction=0.4), [64] * 6 + [128] * 4),
+    # No delay, no finetune: the whole run ramps, so no epoch is at S0 or Se (112.5, 137.5, 162.5, 187.5 -> x4).
+    (4, 100, 200, PeerRule(delay_fraction=0, finetune_fraction=0), [112, 136, 164, 188]),
+])
+def test_composer_sizes(epochs, lo, hi, rule, expected):
+    assert _sizes("composer", epochs, lo, hi, rule) == expected
+
+
+@pytest.mark.parametrize("schedule", ["ffcv", "composer"])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_peer_plans_merge_epochs_of_one_size_and_hold_regularization_at_the_final_values(schedule, adaptive):
+    p = Preset("t", 64, 128, 5, 15, 0, 0.2, 0.1, 0.3)
+    rows = plan(p, epochs=12, n_stages=4, schedule=schedule, num_images=100, batch_size=10, adaptive=adaptive)
+    expected = {"ffcv": [(0, 9, 64), (9, 10, 96), (10, 12, 128)],
+                "composer": [(0, 6, 64), (6, 7, 72), (7, 8, 92), (8, 9, 108), (9, 12, 128)]}[schedule]
+    assert [(r.start_epoch, r.end_epoch, r.values.image_size) for r in rows] == expected
+    assert {(r.values.randaug_magnitude, r.values.mixup_alpha, r.values.dropout) for r in rows} == {(15, 0.2, 0.3)}
+    assert [r.n_stages for r in rows] == [len(expected)] * len(expected)  # schedule.stages (4) is not used
+    assert rows[0].line() == "stage 1/%d: size 64, randaug 15.0, mixup 0.20, dropout 0.30" % len(expected)
+    assert all(r.steps == r.epochs * 10 for r in rows)
+
+
+@pytest.mark.parametrize("schedule, rule, message", [
+    ("ffcv", PeerRule(ramp_start=0.7, ramp_end=0.5), "schedule.ramp_end=0.5 must be above schedule.ramp_start=0.7"),
+    ("ffcv", PeerRule(ramp_start=0.5, ramp_end=0.5), "schedule.ramp_end=0.5 must be above"),
+    ("ffcv", PeerRule(ramp_start=0.5), "go together"),
+    ("ffcv", PeerRule(ramp_start=0.2, ramp_end=1.5), "schedule.ramp_end=1.5 is a share of the run"),
+    ("composer", PeerRule(delay_fraction=-0.1), r"schedule.delay_fraction=-0.1 is a share of the run"),
+    ("composer", PeerRule(finetune_fraction=1.2), r"schedule.finetune_fraction=1.2 is a share"),
+    ("composer", PeerRule(delay_fraction=0.6, finetune_fraction=0.5), r"\+ schedule.finetune_fraction=0.5 is above 1"),
+])
+def test_bad_peer_settings_are_refused_naming_the_key(schedule, rule, message):
+    p = get_preset("efficientnetv2_s")
+    with pytest.raises(ValueError, match=message):
+        plan(p, epochs=10, n_stages=4, schedule=schedule, num_images=100, batch_size=10, peer=rule)
+    other = "composer" if schedule == "ffcv" else "ffcv"  # a setting the kind does not read is not checked
+    assert plan(p, epochs=10, n_stages=4, schedule=other, num_images=100, batch_size=10, peer=rule)
+    cfg = config.parse(["--schedule.kind=" + schedule] + [f"--schedule.{k}={v}" for k, v in vars(rule).items()])
+    with pytest.raises(ValueError, match=f"^schedule.kind={schedule}: "):
+        check_config(cfg.schedule)
+    check_config(config.parse(["--schedule.kind=paper"] + [f"--schedule.{k}={v}" for k, v in vars(rule).items()])
+                 .schedule)
+
+
+def test_stage_values_refuses_the_peer_kinds_whose_sizes_follow_epochs():
+    with pytest.raises(ValueError, match="sizes epochs, not stages"):
+        stage_values(0, 4, get_preset("efficientnetv2_s"), "ffcv")
+
+
+def test_pipeline_schedule_shows_the_peer_kinds(capsys):
+    assert pipeline_main(["schedule", "--schedule", "ffcv", "--epochs", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "efficientnetv2_s, ffcv schedule, 3 stages, 16 epochs" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in "123"]
+    assert [(int(x[1]), float(x[2]), int(x[5])) for x in rows] == [(128, 15.0, 12), (224, 15.0, 1), (300, 15.0, 3)]
+    argv = ["schedule", "--schedule", "composer", "--epochs", "10", "--delay-fraction", "0.6", "--json"]
+    assert pipeline_main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    # e6: t .65, ramp .25, scale 128/300 + (1 - 128/300) .25 = .57: 171 -> 172; e7: .8567: 257 -> 256
+    assert [(r["image_size"], r["epochs"]) for r in rows] == [(128, 6), (172, 1), (256, 1), (300, 2)]
+    assert pipeline_main(["schedule", "--schedule", "composer", "--delay-fraction", "0.9"]) == 2
+    assert "delay_fraction=0.9 + schedule.finetune_fraction=0.2 is above 1" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Pure functions of (stage, number of stages, preset, schedule kind), as FFCV's
 `get_resolution`; no I/O. Presets derive from the variant table (`model/variants.py`,
-where Table 6 is stored). Three schedule kinds:
+where Table 6 is stored). Three schedule kinds of the paper's:
 
 - "paper": the paper's Algorithm 1. Stage i of M uses S0 + (Se - S0) * i/(M-1)
   for the image size and the same formula for every regularizer, so stage 0
@@ -21,7 +21,40 @@ where Table 6 is stored). Three schedule kinds:
   with adaptive regularization the regularizers follow the sampled size,
   r = (S - S0) / (Se - S0).
 
-`adaptive=False` keeps every regularizer at its final value while the size
+Two peer schedules, the ones a user picks today for a faster ImageNet run
+(issue 21), written from their documented rules; both keep regularization at
+its final values (their recipes hold it constant) whatever `adaptive` says, and
+the size is a function of the epoch, so a stage is a run of epochs at one size:
+
+- "ffcv": FFCV's ImageNet example (libffcv/ffcv-imagenet, train_imagenet.py
+  `get_resolution`, read at 4dd291a): epoch e <= start_ramp trains at min_res,
+  e >= end_ramp at max_res, in between np.interp rounded to the nearest
+  multiple of 32 (np.round: halves to even). Its configs (rn18_configs/,
+  rn50_configs/, 16 to 88 epochs, all 160 -> 192 px) set start_ramp = 3E/4 - 1
+  and end_ramp = 7E/8 - 1 for E epochs (16: 11, 13; 88: 65, 76; every one of
+  the twelve files fits), which is what `ramp_start`/`ramp_end` < 0 mean here;
+  given shares put the ramp at share * E. Deviation: intermediate sizes are
+  clamped to [S0, Se] (FFCV's sizes are multiples of 32, so its rounding never
+  leaves the range; ours need not be).
+- "composer": MosaicML Composer's ProgressiveResizing
+  (composer/algorithms/progressive_resizing/progressive_resizing.py, read at
+  6405188): with t the elapsed share of the run, the ramp share is 0 before
+  delay_fraction, then (t - delay) / (1 - finetune - delay) capped at 1; scale
+  = initial_scale + (1 - initial_scale) * ramp share; the width is pinned to a
+  multiple of size_increment (4 by default; `round`, halves to even). Its
+  suggested ResNet-50 values are the defaults here: initial scale 0.5, delay
+  0.5, finetune 0.2. initial_scale is S0/Se (the user's start scale is
+  `min_size`). Deviations: Composer rescales every batch by the elapsed share;
+  the loader here changes size at epoch boundaries, so epoch e takes the scale
+  at its middle, t = (e + 0.5)/E (inside the ramp, the mean of Composer's
+  per-batch scales over that epoch, so the pixels trained match); the first
+  and last sizes are exactly S0 and Se (Composer pins the initial width to the
+  increment too); delay + finetune = 1 is a step from S0 to Se at the delay
+  (Composer divides by zero there). Composer's default mode 'resize'
+  interpolates the full-size batch down (nearest neighbour); the loader here
+  random-resized-crops each image straight to the stage size, the same crop
+  area at fewer pixels, i.e. 'resize' and not 'crop'.
+ keeps every regularizer at its final value while the size
 still changes: Table 13's "vanilla" progressive resize / random resize.
 """
 from __future__ import annotations
@@ -35,8 +68,12 @@ from stagewise.model.variants import TABLE_6_FIRST_STAGE, TABLE_6_MODELS, Varian
 from stagewise.pipeline.errors import count
 from stagewise.train.config import ConfigError, ScheduleConfig
 
-SCHEDULES = ("paper", "automl", "random-resize")
+SCHEDULES = ("paper", "automl", "random-resize", "ffcv", "composer")
+STAGED = ("paper", "automl")  # the kinds that lay `schedule.stages` over the epochs; the others derive their stages
+PEERS = ("ffcv", "composer")  # size a function of the epoch, regularization constant (issue 21)
 SIZE_MULTIPLE = 8  # px; intermediate sizes are rounded to this (issue 5)
+FFCV_MULTIPLE = 32  # px; get_resolution rounds its interpolated sizes to this
+COMPOSER_INCREMENT = 4  # px; ProgressiveResizing's size_increment default
 
 
 @dataclass(frozen=True)
@@ -129,6 +166,58 @@ class StageValues:
                            mixup_alpha=self.mixup_alpha, randaug_ops=randaug_ops, label_smoothing=label_smoothing)
 
 
+@dataclass(frozen=True)
+class PeerRule:
+    """The peer schedules' settings, shares of the run (config keys of the same names)."""
+
+    ramp_start: float = -1.0  # ffcv: share of the run where the size ramp starts; < 0 = FFCV's configs' 3E/4 - 1
+    ramp_end: float = -1.0  # ffcv: where it ends; < 0 = FFCV's configs' 7E/8 - 1
+    delay_fraction: float = 0.5  # composer: share of the run at S0 before the ramp
+    finetune_fraction: float = 0.2  # composer: share at the end at Se
+
+    @classmethod
+    def from_config(cls, s: ScheduleConfig) -> "PeerRule":
+        return cls(s.ramp_start, s.ramp_end, s.delay_fraction, s.finetune_fraction)
+
+    def ramp_epochs(self, epochs: int) -> tuple[float, float]:
+        """ffcv: (start_ramp, end_ramp) in epochs, as get_resolution compares them with the 0-based epoch."""
+        start = self.ramp_start * epochs if self.ramp_start >= 0 else 0.75 * epochs - 1
+        end = self.ramp_end * epochs if self.ramp_end >= 0 else 0.875 * epochs - 1
+        return start, end
+
+
+def check_rule(schedule: str, rule: PeerRule) -> None:
+    """The settings the kind reads, each problem one line naming its key; the others are not read, not checked."""
+    if schedule == "ffcv":
+        for key, v in (("ramp_start", rule.ramp_start), ("ramp_end", rule.ramp_end)):
+            if v > 1:
+                raise ValueError(f"schedule.{key}={v:g} is a share of the run: pass a value in [0, 1] "
+                                 f"(or < 0 = FFCV's configs')")
+        if (rule.ramp_start >= 0) != (rule.ramp_end >= 0):
+            raise ValueError(f"schedule.ramp_start={rule.ramp_start:g} and schedule.ramp_end={rule.ramp_end:g} go "
+                             f"together: pass both shares, or neither (< 0 = FFCV's configs')")
+        if rule.ramp_start >= 0 and rule.ramp_end <= rule.ramp_start:
+            raise ValueError(f"schedule.ramp_end={rule.ramp_end:g} must be above "
+                             f"schedule.ramp_start={rule.ramp_start:g} (shares of the run)")
+    elif schedule == "composer":
+        for key, v in (("delay_fraction", rule.delay_fraction), ("finetune_fraction", rule.finetune_fraction)):
+            if not 0 <= v <= 1:
+                raise ValueError(f"schedule.{key}={v:g} is a share of the run: pass a value in [0, 1]")
+        if rule.delay_fraction + rule.finetune_fraction > 1:
+            raise ValueError(f"schedule.delay_fraction={rule.delay_fraction:g} + "
+                             f"schedule.finetune_fraction={rule.finetune_fraction:g} is above 1 (shares of the run)")
+
+
+def check_config(s: ScheduleConfig) -> None:
+    """`schedule.kind` and the settings it reads (preflight's one call; the rules are check_kind's and
+    check_rule's); a bad setting reads `schedule.kind=ffcv: schedule.ramp_end=0.5 must be above ...`."""
+    check_kind(s.kind)
+    try:
+        check_rule(s.kind, PeerRule.from_config(s))
+    except ValueError as exc:
+        raise ValueError(f"schedule.kind={s.kind}: {exc}") from None
+
+
 def _lerp(lo: float, hi: float, r: float) -> float:
     return lo + (hi - lo) * r
 
@@ -165,6 +254,8 @@ def stage_values(stage: int, n_stages: int, preset: Preset, schedule: str = "pap
                  adaptive: bool = True, seed: int = 0) -> StageValues:
     """Size and regularization of stage `stage` (0-based) of `n_stages`; see the module docstring."""
     _check(stage, n_stages, schedule)
+    if schedule in PEERS:
+        raise ValueError(f"the {schedule} schedule sizes epochs, not stages: use plan() or peer_size()")
     p = preset
     last = stage == n_stages - 1
     if schedule == "paper":
@@ -188,6 +279,33 @@ def stage_values(stage: int, n_stages: int, preset: Preset, schedule: str = "pap
         mixup_alpha=_lerp(p.min_mixup, p.max_mixup, reg_r),
         dropout=dropout,
     )
+
+
+def peer_size(epoch: int, epochs: int, preset: Preset, schedule: str, rule: PeerRule = PeerRule()) -> int:
+    """The train size of epoch `epoch` (0-based) of `epochs` under a peer schedule; see the module docstring."""
+    check_rule(schedule, rule)
+    if not 0 <= epoch < epochs:
+        raise ValueError(f"epoch must be in [0, {epochs}), got {epoch}")
+    lo, hi = preset.min_size, preset.max_size
+    if schedule == "ffcv":  # get_resolution(epoch, min_res, max_res, end_ramp, start_ramp)
+        start, end = rule.ramp_epochs(epochs)
+        if epoch <= start:
+            return lo
+        if epoch >= end:
+            return hi
+        size = FFCV_MULTIPLE * round(_lerp(lo, hi, (epoch - start) / (end - start)) / FFCV_MULTIPLE)
+    elif schedule == "composer":  # ProgressiveResizing.apply, at the epoch's middle batch
+        t = (epoch + 0.5) / epochs  # elapsed share of the run
+        delay, ramp = rule.delay_fraction, 1 - rule.finetune_fraction - rule.delay_fraction
+        if t < delay:
+            return lo
+        if ramp <= 0 or t - delay >= ramp:  # ramp <= 0: a step at the delay (Composer divides by zero)
+            return hi
+        scale = _lerp(lo / hi, 1.0, (t - delay) / ramp)
+        size = COMPOSER_INCREMENT * round(hi * scale / COMPOSER_INCREMENT)
+    else:
+        raise ValueError(f"{schedule!r} is not a peer schedule ({', '.join(PEERS)})")
+    return min(hi, max(lo, size))  # deviation from both: never outside [S0, Se]
 
 
 # --- The plan: stages laid out over epochs and steps -----------------------------------
@@ -234,17 +352,26 @@ def stage_batch_size(batch_size: int, size: int, max_size: int, multiple: int) -
 
 def plan(preset: Preset, *, epochs: int, n_stages: int, schedule: str = "paper", num_images: int,
          batch_size: int, adaptive: bool = True, seed: int = 0, chunk_epochs: int = 8,
-         per_stage_batch: bool = False, batch_multiple: int = 1) -> list[StagePlan]:
+         per_stage_batch: bool = False, batch_multiple: int = 1, peer: PeerRule = PeerRule()) -> list[StagePlan]:
     """Lay the stages over `epochs` epochs of `num_images` images.
 
     paper/automl: stage i covers epochs [floor(i*E/M), floor((i+1)*E/M)) (the
     official code's boundaries). random-resize: one stage per `chunk_epochs`
-    epochs, so M = ceil(E / chunk_epochs). Stage boundaries fall on epoch
-    boundaries, so a stage change never splits an epoch.
+    epochs, so M = ceil(E / chunk_epochs). ffcv/composer: one stage per run of
+    consecutive epochs at one size (`peer_size`), `n_stages` unused. Stage
+    boundaries fall on epoch boundaries, so a stage change never splits an epoch.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if schedule == "random-resize":
+    check_kind(schedule)
+    values: list[StageValues] | None = None
+    if schedule in PEERS:
+        sizes = [peer_size(e, epochs, preset, schedule, peer) for e in range(epochs)]
+        bounds = [0] + [e for e in range(1, epochs) if sizes[e] != sizes[e - 1]] + [epochs]
+        n_stages = len(bounds) - 1
+        values = [StageValues(image_size=sizes[b], randaug_magnitude=preset.max_randaug,  # constant: the final
+                              mixup_alpha=preset.max_mixup, dropout=preset.max_dropout) for b in bounds[:-1]]
+    elif schedule == "random-resize":
         if chunk_epochs < 1:
             raise ValueError(f"chunk_epochs must be >= 1, got {chunk_epochs}")
         n_stages = math.ceil(epochs / chunk_epochs)
@@ -256,7 +383,7 @@ def plan(preset: Preset, *, epochs: int, n_stages: int, schedule: str = "paper",
         bounds = [i * epochs // n_stages for i in range(n_stages + 1)]
     rows = []
     for i in range(n_stages):
-        v = stage_values(i, n_stages, preset, schedule, adaptive=adaptive, seed=seed)
+        v = values[i] if values else stage_values(i, n_stages, preset, schedule, adaptive=adaptive, seed=seed)
         b = batch_size
         if per_stage_batch:
             b = stage_batch_size(batch_size, v.image_size, preset.max_size, batch_multiple)

@@ -23,7 +23,7 @@ from torch import nn
 from stagewise.loaders import Loader
 from stagewise.loaders.plan import world_sizes_for
 from stagewise.shards.store import join_url, url_exists, write_atomic
-from stagewise.train import checkpoint, config, data, distributed, interrupts, models, preflight
+from stagewise.train import budget, checkpoint, config, data, distributed, interrupts, models, preflight
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.ema import EMA
 from stagewise.train.losses import loss_fn, topk_correct
@@ -79,6 +79,7 @@ class Run:
     started: float = field(default_factory=time.time)  # wall clock, for the last line
     signals: interrupts.StopSignals = field(default_factory=interrupts.StopSignals)
     saved_at: float = field(default_factory=time.monotonic)  # the last checkpoint (run.ckpt_every_s)
+    deadline: budget.Deadline | None = None  # schedule.time_budget: where the run ends at the latest
 
     @property
     def done(self) -> bool:
@@ -95,7 +96,7 @@ def train(cfg: Config, print_config: bool = True) -> dict:
 
     Preflight first (train/preflight.py): a problem found before the first step stops the run before anything
     is created, and the auto values are filled from the data."""
-    checked = preflight.check(cfg)
+    entered, given, checked = time.monotonic(), cfg, preflight.check(cfg)
     cfg = checked.cfg
     d = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     distributed.barrier()  # no rank creates the run folder before every rank checked it
@@ -108,7 +109,11 @@ def train(cfg: Config, print_config: bool = True) -> dict:
     try:
         if n := distributed.torch_threads(cfg.run.threads, d.device):
             torch.set_num_threads(n)
+        fitted = budget.fit(checked, d, tel, preflight.layout, entered) if cfg.schedule.time_budget else None
+        if fitted is not None:  # the run's length, from steps timed here (train/budget.py), and what follows it
+            checked = preflight.replan(given, checked, fitted.epochs, fitted.max_steps)
         run = setup(checked, d, tel, print_config)
+        run.deadline = fitted.deadline if fitted else None
         run.signals = signals
         result: dict = {}
         for sp in run.stages[stage_of(run.stages, run.epoch):]:
@@ -251,6 +256,9 @@ def train_one_epoch(run: Run, sp: StagePlan) -> None:
         run.tel.update_bar(1)
         if run.batch_in_epoch == n_batches:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        if run.deadline is not None and not run.done and run.deadline.reached():  # schedule.time_budget's guard
+            run.tel.print(run.deadline.line(run.step))
+            run.max_steps = run.step  # done: this stage ends here, evaluated and saved, and the run with it
         ckpt_now = bool(cfg.run.ckpt_every and run.step % cfg.run.ckpt_every == 0)
         stop = None
         if run.step % check_every == 0 or ckpt_now:

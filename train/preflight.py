@@ -26,7 +26,7 @@ from stagewise.model.variants import Variant
 from stagewise.shards import MANIFEST_NAME, SplitView
 from stagewise.shards.manifest import read_manifest
 from stagewise.shards.store import join_url, list_names, probe, remove_url, url_exists
-from stagewise.train import checkpoint, data, interrupts, models
+from stagewise.train import budget, checkpoint, data, interrupts, models
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.distributed import _env_int
 from stagewise.train.schedule import Preset, StagePlan, check_kind, count, plan, preset_from_config
@@ -86,8 +86,41 @@ def check(cfg: Config) -> Plan:
     problems += _run_folder(cfg)
     if cfg.run.finetune_from:
         problems += _reachable(cfg.run.finetune_from, "run.finetune_from", must_exist=True)
+    if cfg.schedule.time_budget:  # the run's length is the budget's (loop.py: budget.fit, then replan)
+        problems += budget.problems(cfg, world)
+        cfg.schedule.epochs, cfg.schedule.max_steps = max(cfg.schedule.epochs, cfg.schedule.stages), 0
     if split is None or model_problem or any(p.startswith("schedule.kind") for p in problems):
         raise PreflightError(problems)  # nothing to plan with: what was found so far
+    return _planned(cfg, split, problems, world)
+
+
+def replan(given: Config, checked: Plan, epochs: int, max_steps: int) -> Plan:
+    """`checked` again for the run length a time budget chose (train/budget.py): the stages and the auto values
+    that follow the length (warm-up, decay, BN momentum) from the config as given, the run folder not looked at
+    again (the trainer has opened its log there)."""
+    cfg = copy.deepcopy(given)
+    cfg.schedule.epochs, cfg.schedule.max_steps = epochs, max_steps
+    return _planned(cfg, checked.split, [], _env_int("WORLD_SIZE", 1))
+
+
+def layout(checked: Plan, epochs: int) -> list[StagePlan]:
+    """The stages `checked` would have over `epochs` epochs (its batch, sizes and schedule kind), as `_stages` lays
+    them out: the stage count capped at the epochs where a stage spans whole epochs."""
+    return _lay_out(checked.cfg, checked.preset, checked.split.num_samples, checked.batch, _env_int("WORLD_SIZE", 1),
+                    epochs)
+
+
+def _lay_out(cfg: Config, preset: Preset, n: int, batch: int, world: int, epochs: int) -> list[StagePlan]:
+    """schedule.py's plan of the config's schedule over `epochs` epochs of `n` images."""
+    s = cfg.schedule
+    n_stages = s.stages if s.kind == "random-resize" else min(s.stages, epochs)
+    return plan(preset, epochs=epochs, n_stages=n_stages, schedule=s.kind, num_images=n, batch_size=batch,
+                adaptive=s.adaptive, seed=cfg.run.seed, chunk_epochs=s.chunk_epochs,
+                per_stage_batch=s.per_stage_batch, batch_multiple=world)
+
+
+def _planned(cfg: Config, split: SplitView, problems: list[str], world: int) -> Plan:
+    """The auto values, the stages and their sizes checked: the Plan, or PreflightError with `problems` and these."""
     notes: list[str] = []
     variant = models.variant_of(cfg.model.name)
     try:
@@ -251,10 +284,7 @@ def _stages(cfg: Config, split: SplitView, preset: Preset, world: int,
                      f"{count(epochs, 'stage')}, one an epoch")
         cfg.schedule.stages = epochs  # the value used is the one printed and saved
     try:
-        stages = plan(preset, epochs=epochs, n_stages=cfg.schedule.stages, schedule=cfg.schedule.kind,
-                      num_images=n, batch_size=batch, adaptive=cfg.schedule.adaptive, seed=cfg.run.seed,
-                      chunk_epochs=cfg.schedule.chunk_epochs, per_stage_batch=cfg.schedule.per_stage_batch,
-                      batch_multiple=world)
+        stages = _lay_out(cfg, preset, n, batch, world, epochs)
     except ValueError as exc:
         return [f"schedule: {exc}: {fix}" if "larger than" in str(exc) else f"schedule: {exc}"]
     problems = []

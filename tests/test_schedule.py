@@ -243,6 +243,18 @@ def test_bad_peer_settings_are_refused_naming_the_key(schedule, rule, message):
                  .schedule)
 
 
+def test_preflight_refuses_a_bad_peer_setting_in_one_line(tmp_path):
+    from stagewise.train import preflight
+
+    cfg = config.parse(["--data", str(tmp_path / "none"), "--run-dir", str(tmp_path / "run"),
+                        "--schedule.kind=ffcv", "--schedule.ramp_start=0.8", "--schedule.ramp_end=0.3"])
+    with pytest.raises(preflight.PreflightError) as info:
+        preflight.check(cfg)
+    mine = [p for p in info.value.problems if "ramp" in p]
+    assert mine == ["schedule.kind=ffcv: schedule.ramp_end=0.3 must be above schedule.ramp_start=0.8 "
+                    "(shares of the run)"]
+
+
 def test_stage_values_refuses_the_peer_kinds_whose_sizes_follow_epochs():
     with pytest.raises(ValueError, match="sizes epochs, not stages"):
         stage_values(0, 4, get_preset("efficientnetv2_s"), "ffcv")

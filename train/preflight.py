@@ -29,7 +29,8 @@ from stagewise.shards.store import join_url, list_names, probe, remove_url, url_
 from stagewise.train import budget, checkpoint, data, interrupts, models
 from stagewise.train.config import Config, ConfigError
 from stagewise.train.distributed import _env_int
-from stagewise.train.schedule import Preset, StagePlan, check_kind, count, plan, preset_from_config
+from stagewise.train.schedule import (STAGED, PeerRule, Preset, StagePlan, check_config, count, plan,
+                                      preset_from_config)
 
 LOG_NAME = "log.jsonl"  # train/telemetry.py's log: with last.pt, the sign that a folder holds a run
 TENSORBOARD = "tensorboard"  # train/telemetry.py's SummaryWriter folder in run.dir
@@ -116,7 +117,7 @@ def _lay_out(cfg: Config, preset: Preset, n: int, batch: int, world: int, epochs
     n_stages = s.stages if s.kind == "random-resize" else min(s.stages, epochs)
     return plan(preset, epochs=epochs, n_stages=n_stages, schedule=s.kind, num_images=n, batch_size=batch,
                 adaptive=s.adaptive, seed=cfg.run.seed, chunk_epochs=s.chunk_epochs,
-                per_stage_batch=s.per_stage_batch, batch_multiple=world)
+                per_stage_batch=s.per_stage_batch, batch_multiple=world, peer=PeerRule.from_config(s))
 
 
 def _planned(cfg: Config, split: SplitView, problems: list[str], world: int) -> Plan:
@@ -166,14 +167,15 @@ def _parts(cfg: Config) -> list[str]:
         lambda: data.eval_augment(cfg, cfg.data.eval_crop_pct or 1.0),
         lambda: data.read_spec(cfg),
         lambda: layout_for(train=True, gpu=gpu and cfg.data.device != "cpu", engine=data.engine_spec(cfg)),
-        lambda: check_kind(cfg.schedule.kind),
+        lambda: check_config(cfg.schedule),  # the kind and the settings it reads: whole lines, key first
     ]
     for build in checks:
         try:
             build()
         except ValueError as exc:  # "AugmentSpec.scale=(0.5, 0.1): need ..." -> "data.crop_scale: AugmentSpec..."
             field = re.match(r"\w+\.(\w+)=", str(exc))
-            found.append(f"{SPEC_KEYS.get(field[1] if field else '', 'schedule.kind')}: {exc}")
+            found.append(str(exc) if str(exc).startswith("schedule.") else
+                         f"{SPEC_KEYS.get(field[1] if field else '', 'schedule.kind')}: {exc}")
     return found
 
 
@@ -279,7 +281,7 @@ def _stages(cfg: Config, split: SplitView, preset: Preset, world: int,
     epochs, max_steps = cfg.schedule.epochs, cfg.schedule.max_steps
     if max_steps:  # step-counted recipes (transfer: 10,000 steps): enough epochs to hold them
         epochs = math.ceil(max_steps / max(1, n // batch))
-    if cfg.schedule.stages > epochs and cfg.schedule.kind != "random-resize":  # a stage spans whole epochs
+    if cfg.schedule.stages > epochs and cfg.schedule.kind in STAGED:  # a stage spans whole epochs
         notes.append(f"note: schedule.stages={cfg.schedule.stages} over {count(epochs, 'epoch')}: "
                      f"{count(epochs, 'stage')}, one an epoch")
         cfg.schedule.stages = epochs  # the value used is the one printed and saved

@@ -37,7 +37,9 @@ configs); torchvision models take no dropout or stochastic depth (the trainer
 pushes them only to models with set_dropout), so the EfficientNet-only flags
 are not passed and "adaptive" ramps RandAugment and mixup only, as the header
 and the table say. `--time-budget 20m` gives every setting the same wall-clock
-budget instead of the same epochs (the trainer's schedule.time_budget).
+budget instead of the same epochs (the trainer's schedule.time_budget); each
+run is then a `python -m stagewise.train` process of its own, so that each is
+charged its own start-up (train_in_child).
 `--json` keeps all of it and every curve; a PNG plots top-1 against training
 time, one mean line and a min-max band over seeds per setting.
 
@@ -198,6 +200,14 @@ def check_inputs(a: argparse.Namespace) -> None:
         raise BenchError("--seeds needs at least one seed")
     if a.eval_points < 0:
         raise BenchError(f"--eval-points must be >= 0, got {a.eval_points}")
+    if a.time_budget:
+        from stagewise.train.budget import parse_duration
+        from stagewise.train.config import ConfigError
+
+        try:
+            parse_duration(a.time_budget)
+        except ConfigError as exc:
+            raise BenchError(f"--time-budget: {exc}") from None
     from stagewise.shards import read_manifest
 
     try:
@@ -218,17 +228,46 @@ def configs(a: argparse.Namespace, d: dict) -> dict[tuple[str, int], object]:
 
     if "run.eval_points" not in config.LEAVES:
         raise BenchError("this trainer has no run.eval_points; bench-progressive needs it for its curves")
-    shared = base_args(a, d)
     out = {}
     for name in a.settings:
         for seed in a.seeds:
-            run_dir = os.path.join(a.run_dir, f"{name}-seed{seed}")
             try:
-                out[(name, seed)] = config.parse(shared + setting_args(name, d) + [
-                    "--run-dir", run_dir, f"--run.seed={seed}"])
+                out[(name, seed)] = config.parse(run_argv(a, d, name, seed))
             except config.ConfigError as exc:
                 raise BenchError(str(exc)) from None
     return out
+
+
+def run_argv(a: argparse.Namespace, d: dict, name: str, seed: int) -> list[str]:
+    """The trainer's command line of one run."""
+    return base_args(a, d) + setting_args(name, d) + ["--run-dir", os.path.join(a.run_dir, f"{name}-seed{seed}"),
+                                                      f"--run.seed={seed}"]
+
+
+def train_in_child(argv: list[str], run_dir: str) -> dict:
+    """One run as `python -m stagewise.train ARGV`, its result read back from its log.jsonl as train() returns it.
+
+    --time-budget runs each setting in a process of its own: the budget counts the process's start-up
+    (interpreter, imports), as a person's clock does (train/budget.py spent_since), so in one process a second
+    train() would be charged the first run's time as its start-up, and every setting after the first would get
+    a smaller budget."""
+    import subprocess
+
+    from stagewise.train.config import ConfigError
+
+    rc = subprocess.run([sys.executable, "-m", "stagewise.train", *argv], check=False).returncode
+    if rc != 0:
+        raise ConfigError(f"the trainer exited with status {rc} (its message is above)")
+    evals, done = [], {}
+    with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "eval":
+                evals.append(r)
+            elif r.get("kind") == "done":
+                done = r
+    return {"evals": evals, "steps": done.get("step", evals[-1]["step"] if evals else 0),
+            "train_seconds": done.get("train_seconds", evals[-1]["train_seconds"] if evals else 0.0)}
 
 
 def _stage_sizes(run_dir: str) -> dict[int, int]:
@@ -436,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
     except BenchError as exc:
         print(f"error: bench-progressive: {exc}", file=sys.stderr)
         return 2
+    from stagewise.train.config import ConfigError
     from stagewise.train.loop import train
 
     info = machine()
@@ -451,7 +491,14 @@ def run(args: argparse.Namespace) -> int:
         for name in args.settings:
             cfg = cfgs[(name, seed)]
             start = time.perf_counter()
-            result = train(cfg, print_config=False)
+            try:
+                if args.time_budget:  # a process per run: the budget counts start-up once per run (train_in_child)
+                    result = train_in_child(run_argv(args, d, name, seed), cfg.run.dir)
+                else:
+                    result = train(cfg, print_config=False)
+            except ConfigError as exc:  # preflight's problems, or a time budget too short for this setting
+                print(f"error: bench-progressive: {name}, seed {seed}: {exc}", file=sys.stderr)
+                return 2
             wall = time.perf_counter() - start
             evals = [dict(e) for e in result.get("evals", [])]
             if not evals:

@@ -177,3 +177,51 @@ def test_a_resnet_runs_every_setting_with_sgd_and_says_it_takes_no_dropout(tiny,
     assert not [a for a in args if "dropout" in a or "drop_path" in a]
     cfg_text = (tmp_path / "runs" / "adaptive-seed0" / "config.yaml").read_text()
     assert "optimizer: momentum" in cfg_text and "lr: 1.6" in cfg_text
+
+
+def test_the_trainers_preflight_lays_out_the_peer_rule_it_is_given(tiny, tmp_path):
+    from stagewise.train import config, preflight
+
+    base = ["--data", str(tiny / "ds"), "--schedule.epochs=4", "--schedule.stages=8", "--optim.batch_size=8",
+            "--schedule.min_size=32", "--schedule.max_size=64"]
+    checked = preflight.check(config.parse(base + ["--run-dir", str(tmp_path / "a"), "--schedule.kind=ffcv",
+                                                   "--schedule.ramp_start=0", "--schedule.ramp_end=0.5"]))
+    # 4 epochs, ramp over epochs 0..2: epoch 1 interpolates to 48 = 1.5 x 32, which rounds to even: 64.
+    assert [(sp.start_epoch, sp.end_epoch, sp.values.image_size) for sp in checked.stages] == [(0, 1, 32), (1, 4, 64)]
+    assert not [n for n in checked.notes if "schedule.stages" in n]  # stages (8 > 4 epochs) is not the peers'
+    checked = preflight.check(config.parse(base + ["--run-dir", str(tmp_path / "b"), "--schedule.kind=composer",
+                                                   "--schedule.delay_fraction=0", "--schedule.finetune_fraction=0.5"]))
+    # t = .125, .375: ramp .25, .75 -> scale .625, .875 -> 40, 56; then 64.
+    assert [sp.values.image_size for sp in checked.stages] == [40, 56, 64]
+
+
+def test_a_time_budget_goes_to_every_setting_and_a_bad_one_is_refused_before_training(tiny, tmp_path, capsys,
+                                                                                       monkeypatch):
+    from stagewise.train.config import ConfigError
+
+    _no_training(monkeypatch)
+    argv = ["bench-progressive", str(tiny / "ds"), *SMALL, "--settings", "fixed", "ffcv", "--run-dir",
+            str(tmp_path / "runs")]
+    assert cli(argv + ["--time-budget", "20 minutes"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--time-budget: schedule.time_budget='20 minutes' is not a duration" in err
+    seen = []
+
+    def child(run_argv, run_dir):  # noqa: ANN001, ANN202 - records what each run was given, as its own process
+        seen.append((run_argv, run_dir))
+        return {"steps": 1, "train_seconds": 1.0, "evals": [{"step": 1, "stage": 1, "top1": 50.0, "top5": 100.0,
+                                                             "train_seconds": 1.0, "images_seen": 8}]}
+    monkeypatch.setattr(bench_progressive, "train_in_child", child)
+    assert cli(argv + ["--time-budget", "20m"]) == 0
+    dirs = [str(tmp_path / "runs" / f"{n}-seed0") for n in ("fixed", "ffcv")]
+    assert [("--schedule.time_budget=20m" in a, a[-3:], d) for a, d in seen] == [
+        (True, ["--run-dir", d, "--run.seed=0"], d) for d in dirs]
+    assert "--schedule.kind=ffcv" in seen[1][0]
+    assert "a time budget of 20m each" in capsys.readouterr().out
+
+    def too_short(run_argv, run_dir):  # noqa: ANN001, ANN202 - as a child whose budget preflight refused
+        raise ConfigError("the trainer exited with status 2 (its message is above)")
+    monkeypatch.setattr(bench_progressive, "train_in_child", too_short)
+    assert cli(argv + ["--time-budget", "40s"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: bench-progressive: fixed, seed 0: the trainer exited with status 2 (its message is above)"

@@ -47,14 +47,15 @@ the size is a function of the epoch, so a stage is a run of epochs at one size:
   `min_size`). Deviations: Composer rescales every batch by the elapsed share;
   the loader here changes size at epoch boundaries, so epoch e takes the scale
   at its middle, t = (e + 0.5)/E (inside the ramp, the mean of Composer's
-  per-batch scales over that epoch, so the pixels trained match); the first
-  and last sizes are exactly S0 and Se (Composer pins the initial width to the
-  increment too); delay + finetune = 1 is a step from S0 to Se at the delay
-  (Composer divides by zero there). Composer's default mode 'resize'
+  per-batch scales over that epoch, so its sizes match Composer's on
+  average); the first and last sizes are exactly S0 and Se (Composer pins the
+  initial width to the increment too); delay + finetune = 1 is a step from S0
+  to Se at the delay (Composer divides by zero there). Composer's default mode 'resize'
   interpolates the full-size batch down (nearest neighbour); the loader here
   random-resized-crops each image straight to the stage size, the same crop
   area at fewer pixels, i.e. 'resize' and not 'crop'.
- keeps every regularizer at its final value while the size
+
+`adaptive=False` keeps every regularizer at its final value while the size
 still changes: Table 13's "vanilla" progressive resize / random resize.
 """
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_a_run_prints_and_saves_its_plan_and_resume_keeps_it(tmp_path, capsys, m
     run_dir = tmp_path / "run"
     args = TINY + ["--data", dest, "--run-dir", str(run_dir), "--schedule.time_budget=45s", "--schedule.stages=2",
                    "--run.eval=end"]
-    train(config.parse(args), print_config=False)
+    budgeted = train(config.parse(args), print_config=False)
     out = capsys.readouterr().out
     saved = json.loads((run_dir / budget.PLAN_NAME).read_text())
     assert saved["budget"] == "45s" and saved["budget_s"] == 45 and saved["epochs"] >= 1
@@ -182,6 +182,12 @@ def test_a_run_prints_and_saves_its_plan_and_resume_keeps_it(tmp_path, capsys, m
     done = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
             if json.loads(line)["kind"] == "done"]
     assert done[-1]["step"] == steps
+
+    # The probe trains a throw-away model: the run computes what the same length given as epochs computes.
+    given = train(config.parse(TINY + ["--data", dest, "--run-dir", str(tmp_path / "given"), "--schedule.stages=2",
+                                       "--run.eval=end", f"--schedule.epochs={saved['epochs']}",
+                                       f"--schedule.max_steps={saved['max_steps']}"]), print_config=False)
+    assert given["fingerprint"] == budgeted["fingerprint"]
 
     def no_probe(*_args, **_kwargs):
         raise AssertionError("a resumed run must keep its plan, not probe again")

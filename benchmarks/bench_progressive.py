@@ -247,10 +247,11 @@ def run_argv(a: argparse.Namespace, d: dict, name: str, seed: int) -> list[str]:
 def train_in_child(argv: list[str], run_dir: str) -> dict:
     """One run as `python -m stagewise.train ARGV`, its result read back from its log.jsonl as train() returns it.
 
-    --time-budget runs each setting in a process of its own: the budget counts the process's start-up
-    (interpreter, imports), as a person's clock does (train/budget.py spent_since), so in one process a second
-    train() would be charged the first run's time as its start-up, and every setting after the first would get
-    a smaller budget."""
+    --time-budget runs each setting in a process of its own: the budget charges a process's start-up
+    (interpreter, imports) to its first budgeted run, as a person's clock does (train/budget.py spent_since), so
+    in one process the first setting would pay it and the others not; as processes each pays its own. (Before
+    spent_since charged only the first run, a second train() in one process was charged the first run's time:
+    100 s budgets gave 93 s and 17 s.)"""
     import subprocess
 
     from stagewise.train.config import ConfigError
@@ -492,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
             cfg = cfgs[(name, seed)]
             start = time.perf_counter()
             try:
-                if args.time_budget:  # a process per run: the budget counts start-up once per run (train_in_child)
+                if args.time_budget:  # a process per run: each run pays its own start-up (train_in_child)
                     result = train_in_child(run_argv(args, d, name, seed), cfg.run.dir)
                 else:
                     result = train(cfg, print_config=False)

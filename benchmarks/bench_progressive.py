@@ -55,6 +55,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -137,10 +138,12 @@ def base_args(a: argparse.Namespace, d: dict) -> list[str]:
         f"--run.log_every={max(1, min(20, getattr(a, 'train_samples', 0) // d['batch']))}",
     ]
     resnet = d["model"].startswith(TORCHVISION)
+    # One warm-up epoch; auto (a tenth of the run) when --max-steps may cut the run to an epoch or less.
+    warmup = "--optim.warmup_epochs=-1" if a.max_steps else "--optim.warmup_epochs=1"
     if a.device == "cpu":
         args += [
             # Short runs (hundreds of steps), as the demo: see docs/training.md for the evidence behind each.
-            "--optim.lr=0.064", "--optim.warmup_epochs=1", "--optim.lr_decay=cosine",
+            "--optim.lr=0.064", warmup, "--optim.lr_decay=cosine",
             "--model.bn_momentum=0.1", "--model.zero_head=true", "--model.channels_last=false",
             "--data.crop_scale=0.35,1",
             # Table 6's EfficientNetV2-S regularization range (B0's own row has no RandAugment).
@@ -150,7 +153,7 @@ def base_args(a: argparse.Namespace, d: dict) -> list[str]:
         if not resnet:  # a torchvision model takes neither (models.supports_dropout): not passed, not claimed
             args += ["--model.drop_path_rate=0.1", "--schedule.min_dropout=0.1", "--schedule.max_dropout=0.3"]
     else:
-        args += ["--optim.warmup_epochs=1", "--optim.lr_decay=cosine", "--model.zero_head=true",
+        args += [warmup, "--optim.lr_decay=cosine", "--model.zero_head=true",
                  "--data.crop_scale=0.35,1"]
     if resnet:
         args += RESNET_RECIPE  # after the CPU recipe's LR: the later flag wins
@@ -345,6 +348,9 @@ def summarize(runs: dict[str, list[dict]], labels: dict[str, str]) -> dict:
             s["time_to_target_s"] = hit
             s["time_to_target_ratio"] = hit / fixed["train_seconds_mean"]
     out["adaptive_vs_peer"] = against_best_peer(out["settings"])
+    # Runs that did not learn (fixed ends no higher than its first evaluation, e.g. all at chance) reach any
+    # target at once: their times to target and the peer verdict say nothing.
+    out["learned"] = not (fixed and fixed["curve"]) or target > fixed["curve"][0]["top1"] + 1e-9
     costs = cost_by_size([r for rs in runs.values() for r in rs])
     out["cost_by_size"] = {str(k): v for k, v in costs.items()}
     if costs:
@@ -396,13 +402,16 @@ def format_table(summary: dict) -> str:
                      f"time (evaluation excluded) at which the setting's mean curve first reaches it; ratio to "
                      f"fixed's total training time")
     v = summary.get("adaptive_vs_peer")
+    if summary["target_top1"] is not None and not summary["learned"]:
+        lines.append(f"warning: fixed ends at {summary['target_top1']:.1f}%, no higher than its first evaluation: "
+                     f"these runs did not learn (too short?), so the times to target say nothing")
     if v:
         reached = (f"reaches it at {v['time_s']:.0f} s, {v['ratio']:.2f}x {v['peer']}'s {v['peer_train_seconds']:.0f} s"
                    if v["time_s"] is not None else "does not reach it")
         lines.append(f"adaptive vs the best peer schedule ({v['peer']}, final mean top-1 {v['peer_top1']:.1f}%): "
                      f"adaptive {reached} of training; final {v['adaptive_top1']:.1f}% "
                      f"({v['adaptive_top1'] - v['peer_top1']:+.1f}); goal <= {v['goal_ratio']:.2f}x and no lower: "
-                     f"{'met' if v['goal_met'] else 'not met'}")
+                     f"{('met' if v['goal_met'] else 'not met') if summary['learned'] else 'no verdict'}")
     if summary.get("regularization"):
         lines.append(summary["regularization"])
     c = summary["cost_ms_per_img"]
@@ -472,6 +481,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_inputs(args)
         d = resolved(args)
+        if not args.time_budget and d["epochs"] < d["stages"]:  # a stage spans whole epochs
+            raise BenchError(f"--epochs {d['epochs']} is below --stages {d['stages']}: the progressive settings "
+                             f"would train fewer stages than asked; pass --epochs {d['stages']} or more")
         cfgs = configs(args, d)
     except BenchError as exc:
         print(f"error: bench-progressive: {exc}", file=sys.stderr)
@@ -498,7 +510,8 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     result = train(cfg, print_config=False)
             except ConfigError as exc:  # preflight's problems, or a time budget too short for this setting
-                print(f"error: bench-progressive: {name}, seed {seed}: {exc}", file=sys.stderr)
+                hint = re.sub(r"--([a-z_]+\.[a-z_]+=)", r"--set \1", str(exc))  # the trainer's flags, as ours
+                print(f"error: bench-progressive: {name}, seed {seed}: {hint}", file=sys.stderr)
                 return 2
             wall = time.perf_counter() - start
             evals = [dict(e) for e in result.get("evals", [])]

@@ -87,6 +87,7 @@ def test_a_dest_without_val_split_is_refused_before_training(tiny, tmp_path, cap
 @pytest.mark.parametrize("argv, named", [
     (["--settings", "fixed", "fixd"], "'fixd'"),
     (["--settings", "adaptive", "--set", "optim.lrr=0.1"], "optim.lrr"),
+    (["--settings", "adaptive", "--epochs", "2", "--stages", "4"], "--epochs 2 is below --stages 4"),
 ])
 def test_an_unknown_setting_or_key_is_refused_before_training(tiny, tmp_path, capsys, monkeypatch, argv, named):
     _no_training(monkeypatch)
@@ -225,3 +226,19 @@ def test_a_time_budget_goes_to_every_setting_and_a_bad_one_is_refused_before_tra
     assert cli(argv + ["--time-budget", "40s"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: bench-progressive: fixed, seed 0: the trainer exited with status 2 (its message is above)"
+
+
+def test_runs_that_did_not_learn_give_no_verdict():
+    def run(points):
+        return {"seed": 0, "top1": points[-1][1], "train_seconds": points[-1][0], "wall_seconds": 0.0,
+                "evals": [{"step": i + 1, "stage": 1, "train_seconds": t, "images_seen": i + 1, "top1": a}
+                          for i, (t, a) in enumerate(points)], "stage_sizes": {1: 64}}
+    chance = [(1, 10.0), (3, 10.0)]  # every setting at chance: each "reaches" fixed's final at its first point
+    s = bench_progressive.summarize({"fixed": [run(chance)], "adaptive": [run(chance)], "ffcv": [run(chance)]},
+                                    {"fixed": "fixed", "adaptive": "adaptive", "ffcv": "ffcv"})
+    table = bench_progressive.format_table(s)
+    assert not s["learned"] and "these runs did not learn" in table and "lower: no verdict" in table
+    s = bench_progressive.summarize({"fixed": [run([(1, 10.0), (3, 40.0)])], "adaptive": [run([(1, 20.0), (2, 45.0)])],
+                                     "ffcv": [run([(1, 10.0), (3, 30.0)])]},
+                                    {"fixed": "fixed", "adaptive": "adaptive", "ffcv": "ffcv"})
+    assert s["learned"] and "did not learn" not in bench_progressive.format_table(s)

@@ -200,3 +200,12 @@ def test_a_run_prints_and_saves_its_plan_and_resume_keeps_it(tmp_path, capsys, m
     with pytest.raises(ConfigError, match="planned for '45s', not '30s'"):  # another budget is another run
         train(config.parse(args[:-3] + ["--schedule.time_budget=30s", "--schedule.stages=2", "--run.eval=end",
                                         "--resume"]), print_config=False)
+
+
+def test_a_budget_refused_as_too_short_creates_nothing(tmp_path, capsys):
+    """The probe runs before the run folder exists: the refusal leaves nothing that would block the next try."""
+    dest = make_dataset(tmp_path)
+    code = main(TINY + ["--data", dest, "--run-dir", str(tmp_path / "run"), "--schedule.time_budget=1s"])
+    err = capsys.readouterr().err
+    assert code == 2 and "schedule.time_budget=1 s is too short" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -428,22 +428,22 @@ class Fitted:
     deadline: Deadline | None  # None on resume: the budget was the first process's
 
 
-def fit(checked, d: Dist, tel, layout: Callable, entered: float) -> Fitted:  # noqa: ANN001 - preflight's Plan,
-    #                                                                                       a Telemetry
+def fit(checked, d: Dist, say: Callable[[str], None], layout: Callable,  # noqa: ANN001 - preflight's Plan
+        entered: float) -> Fitted:
     """The run length for `checked` (preflight's Plan) under its time budget: the plan saved beside the
-    checkpoints when resuming one, else probed and chosen here, printed (`tel`) and saved. `layout(checked,
+    checkpoints when resuming one, else probed and chosen here, printed (`say`) and saved. `layout(checked,
     epochs)` lays out the stages (preflight.layout); `entered` is time.monotonic() when train() was called."""
     cfg = checked.cfg
     plan_url = join_url(cfg.run.ckpt_dir or cfg.run.dir, PLAN_NAME)
     saved = _saved_plan(cfg, plan_url)
     if saved is not None:
-        tel.print(f"budget {saved['budget']}: the plan of {saved['planned_at']} kept ({PLAN_NAME}): "
+        say(f"budget {saved['budget']}: the plan of {saved['planned_at']} kept ({PLAN_NAME}): "
                   f"{count(saved['epochs'], 'epoch')}"
                   + (f" ending at step {saved['max_steps']}" if saved["max_steps"] else "") + "; no probe")
         return Fitted(saved["epochs"], saved["max_steps"], None)
-    budget_s, costs, choice = _measure_and_choose(checked, d, tel, layout, entered)
+    budget_s, costs, choice = _measure_and_choose(checked, d, say, layout, entered)
     for line in plan_lines(cfg.schedule.time_budget, budget_s, choice, costs):
-        tel.print(line)
+        say(line)
     if d.is_main:
         record = {"budget": cfg.schedule.time_budget, "budget_s": budget_s, "epochs": choice.epochs,
                   "max_steps": choice.max_steps, "predicted_s": round(choice.total_s, 1),
@@ -462,14 +462,14 @@ def fit(checked, d: Dist, tel, layout: Callable, entered: float) -> Fitted:  # n
     return Fitted(choice.epochs, choice.max_steps, deadline)
 
 
-def _measure_and_choose(checked, d: Dist, tel, layout: Callable,  # noqa: ANN001 - as fit's
+def _measure_and_choose(checked, d: Dist, say: Callable[[str], None], layout: Callable,  # noqa: ANN001
                         entered: float) -> tuple[float, Costs, Choice]:
     """(budget seconds, the probe's costs, the run length chosen from them)."""
     cfg = checked.cfg
     budget_s = parse_duration(cfg.schedule.time_budget)
     eval_size, eval_crop = data.eval_size_and_crop(cfg, checked.variant, checked.preset)
-    tel.print(f"budget {cfg.schedule.time_budget}: timing {MIN_PROBE_STEPS}-{MAX_PROBE_STEPS} steps at each stage "
-              f"size, and evaluation at {eval_size} px ...")
+    say(f"budget {cfg.schedule.time_budget}: timing {MIN_PROBE_STEPS}-{MAX_PROBE_STEPS} steps at each stage "
+        f"size, and evaluation at {eval_size} px ...")
     costs = probe(cfg, checked.stages, checked.split.num_classes, _val_images(cfg), eval_size, eval_crop,
                   cfg.data.eval_batch_size or checked.batch, d, budget_s, entered)
     choice = choose(budget_s, costs, Rules.of(cfg), lambda epochs: layout(checked, epochs),
@@ -533,15 +533,9 @@ def preview(cfg: Config) -> list[str]:
     try:
         if n := distributed.torch_threads(checked.cfg.run.threads, d.device):
             torch.set_num_threads(n)
-        budget_s, costs, choice = _measure_and_choose(checked, d, _Quiet(), preflight.layout, entered)
+        budget_s, costs, choice = _measure_and_choose(checked, d, lambda line: None, preflight.layout, entered)
     finally:
         torch.set_num_threads(threads)
         distributed.teardown()
     return plan_lines(checked.cfg.schedule.time_budget, budget_s, choice, costs)
 
-
-class _Quiet:
-    """A Telemetry that prints nothing (the preview prints its plan itself)."""
-
-    def print(self, line: str) -> None:
-        pass

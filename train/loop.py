@@ -8,6 +8,7 @@ epochs, and at its end `evaluate`s the EMA weights and checkpoints
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -102,16 +103,18 @@ def train(cfg: Config, print_config: bool = True) -> dict:
     distributed.barrier()  # no rank creates the run folder before every rank checked it
     if cfg.run.overwrite and d.is_main and not preflight.resuming(cfg):  # a resume (elastic restart) keeps the run
         preflight.clear_run(cfg)
-    tel = Telemetry(cfg.run.dir, enabled=d.is_main, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     threads = torch.get_num_threads()
     signals = interrupts.StopSignals().install()  # Ctrl-C / SIGTERM: a checkpoint at the next step, then exit
-    run = None
+    run, tel = None, None
     try:
         if n := distributed.torch_threads(cfg.run.threads, d.device):
             torch.set_num_threads(n)
-        fitted = budget.fit(checked, d, tel, preflight.layout, entered) if cfg.schedule.time_budget else None
+        say = functools.partial(print, flush=True) if d.is_main else lambda line: None
+        fitted = budget.fit(checked, d, say, preflight.layout, entered) if cfg.schedule.time_budget else None
         if fitted is not None:  # the run's length, from steps timed here (train/budget.py), and what follows it
             checked = preflight.replan(given, checked, fitted.epochs, fitted.max_steps)
+        # The run folder's log and TensorBoard from here: a budget refused as too short has created nothing.
+        tel = Telemetry(cfg.run.dir, enabled=d.is_main, tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
         run = setup(checked, d, tel, print_config)
         run.deadline = fitted.deadline if fitted else None
         run.signals = signals
@@ -129,7 +132,8 @@ def train(cfg: Config, print_config: bool = True) -> dict:
             run.loader.close()  # however the run ends: its reader threads and pipelines go
         torch.set_num_threads(threads)  # process-wide state: leave it as found (train() may run in a test process)
         signals.restore()
-        tel.close()
+        if tel is not None:
+            tel.close()
         distributed.teardown()
 
 

@@ -97,8 +97,8 @@ def check(cfg: Config) -> Plan:
 
 def replan(given: Config, checked: Plan, epochs: int, max_steps: int) -> Plan:
     """`checked` again for the run length a time budget chose (train/budget.py): the stages and the auto values
-    that follow the length (warm-up, decay, BN momentum) from the config as given, the run folder not looked at
-    again (the trainer has opened its log there)."""
+    that follow the length (warm-up, decay, BN momentum) from the config as given; the run folder is not looked at
+    again (`check` did)."""
     cfg = copy.deepcopy(given)
     cfg.schedule.epochs, cfg.schedule.max_steps = epochs, max_steps
     return _planned(cfg, checked.split, [], _env_int("WORLD_SIZE", 1))
